@@ -1,0 +1,154 @@
+"""Benchmark ``egressd audit`` against tshark and a plain reference aggregator.
+
+Generates (once, cached in the temp dir) a gateway capture with
+``bench/make_capture.py``, reads it once so it sits in the page cache, then
+runs the tools in alternation, ``--runs`` times each, timing every run as a
+whole process (start-up included):
+
+* egressd:   python -m egressd audit --policy examples/policy.yaml --format json
+             --output /dev/null --fail-on never FILE
+* tshark:    tshark -q -n -r FILE -z conv,ip
+* reference: python bench/ref_aggregator.py FILE
+
+and prints the median wall time and packets/s per tool and how egressd
+compares with the others.
+
+    python bench/bench_audit.py --packets 1000000 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ("egressd", "tshark", "reference")
+
+
+def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
+    """The cached capture for these parameters, generated when missing."""
+    path = cache_dir / f"gateway-{packets}-seed{seed}.pcap"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        print(f"generating {path} ...", flush=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "make_capture.py"), "--packets", str(packets),
+             "--seed", str(seed), "--out", str(tmp)],
+            check=True,
+        )
+        tmp.replace(path)
+    return path
+
+
+def warm(path: Path) -> None:
+    """Read the file once so that every timed run finds it in the page cache."""
+    with path.open("rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+def commands(path: Path, policy: Path) -> dict[str, list[str] | None]:
+    tshark = shutil.which("tshark")
+    return {
+        "egressd": [sys.executable, "-m", "egressd", "audit", "--policy", str(policy),
+                    "--format", "json", "--output", os.devnull, "--fail-on", "never",
+                    str(path)],
+        "tshark": None if tshark is None else [tshark, "-q", "-n", "-r", str(path),
+                                               "-z", "conv,ip"],
+        "reference": [sys.executable, str(ROOT / "bench" / "ref_aggregator.py"), str(path)],
+    }
+
+
+def time_run(cmd: list[str]) -> tuple[float, int, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, check=False)
+    return time.perf_counter() - t0, proc.returncode, proc.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help=f"comma-separated subset of {', '.join(TOOLS)} (default: all)")
+    ap.add_argument("--policy", type=Path, default=ROOT / "examples" / "policy.yaml")
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(tempfile.gettempdir()) / "egressd-bench",
+                    help="where the generated capture is kept between runs")
+    args = ap.parse_args(argv)
+
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown or not tools:
+        ap.error(f"--tools: unknown {', '.join(unknown) or '(none given)'}; "
+                 f"choose from {', '.join(TOOLS)}")
+
+    path = capture_path(args.packets, args.seed, args.cache_dir)
+    size_mb = path.stat().st_size / 1e6
+    cmds = commands(path, args.policy)
+    active: list[str] = []
+    for tool in tools:
+        if cmds[tool] is None:
+            print(f"note: {tool} is not installed; skipping it")
+        else:
+            active.append(tool)
+    if "egressd" in active and not args.policy.exists():
+        print(f"note: policy {args.policy} not found; skipping egressd")
+        active.remove("egressd")
+    if not active:
+        print("nothing to run")
+        return 1
+
+    warm(path)
+    print(f"capture: {path} ({args.packets} packets, {size_mb:.0f} MB), "
+          f"{args.runs} runs per tool, alternating")
+    times: dict[str, list[float]] = {t: [] for t in active}
+    failed: dict[str, str] = {}
+    for run in range(args.runs):
+        for tool in active:
+            if tool in failed:
+                continue
+            cmd = cmds[tool]
+            assert cmd is not None
+            elapsed, rc, err = time_run(cmd)
+            if rc != 0:
+                last = (err.strip().splitlines() or [""])[-1]
+                failed[tool] = f"exit status {rc}: {last}"
+                print(f"  {tool}: failed ({failed[tool]}); not timed further")
+                continue
+            times[tool].append(elapsed)
+            print(f"  run {run + 1} {tool:<9} {elapsed:7.2f} s", flush=True)
+
+    print()
+    print(f"{'tool':<10} {'median s':>9} {'packets/s':>12}   runs")
+    medians: dict[str, float] = {}
+    for tool in active:
+        if not times[tool]:
+            print(f"{tool:<10} {'-':>9} {'-':>12}   failed: {failed.get(tool, '')}")
+            continue
+        med = statistics.median(times[tool])
+        medians[tool] = med
+        spread = ", ".join(f"{t:.2f}" for t in times[tool])
+        print(f"{tool:<10} {med:9.2f} {args.packets / med:12,.0f}   {spread}")
+    if "egressd" in medians:
+        for other in ("tshark", "reference"):
+            if other in medians:
+                ratio = medians["egressd"] / medians[other]
+                faster = (f"egressd {1 / ratio:.1f}x faster" if ratio < 1
+                          else f"egressd {ratio:.1f}x slower")
+                print(f"egressd/{other} wall-time ratio: {ratio:.2f} ({faster})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Offline audit: captures → decode → flows → geo → policy → :class:`AuditResult`.
+
+The same stages run in the live daemon; here the source is a file and the
+clock is the packets' own timestamps, so an audit of the same files always
+finds the same flows.  Captures given together are read in order into one
+flow table, as the rotated files of one long capture (``tcpdump -C``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from egressd.classify import Classifier
+from egressd.decode.batch import decode_batch
+from egressd.flows import FlowTable, FlowTimeouts
+from egressd.geo import Resolver
+from egressd.model import FlowRecord, VerdictKind
+from egressd.policy import Policy
+from egressd.report import AuditResult, CaptureSummary
+from egressd.sources.files import HashingReader, open_capture
+
+TRANSIT_WARNING_SHARE = 0.5
+"""Above this share of transit flows, the audit warns that internal_networks is likely wrong."""
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes read since the last call."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOptions:
+    timeouts: FlowTimeouts = field(default_factory=FlowTimeouts)
+    batch_records: int = 65536
+
+
+@contextmanager
+def _open_input(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    with open(path, "rb", buffering=0) as f:
+        yield f
+
+
+def input_size(path: str) -> int | None:
+    """Size on disk, for a progress bar (None for stdin and pipes)."""
+    if path == "-":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if st.st_size > 0 else None
+
+
+class Audit:
+    """One audit run: feed it captures with :meth:`add_capture`, then :meth:`finish`."""
+
+    def __init__(self, policy: Policy, resolver: Resolver,
+                 options: AuditOptions | None = None) -> None:
+        self.policy = policy
+        self.resolver = resolver
+        self.options = options or AuditOptions()
+        self.classifier = Classifier(policy, resolver)
+        self.table = FlowTable(self.options.timeouts)
+        self.captures: list[CaptureSummary] = []
+        self.flows: list[FlowRecord] = []
+
+    def _drain(self) -> None:
+        fin = self.table.finished
+        if fin:
+            classify = self.classifier.classify
+            self.flows.extend(classify(f) for f in fin)
+            fin.clear()
+
+    def add_capture(self, path: str, *, progress: Progress | None = None) -> CaptureSummary:
+        """Read one capture into the flow table.
+
+        Raises :class:`~egressd.sources.base.CaptureError` when ``path`` is not a
+        capture at all and ``OSError`` when it cannot be read; damage inside a
+        capture is reported in the summary instead.
+        """
+        with _open_input(path) as raw:
+            hashing = HashingReader(raw)
+            try:
+                reader = open_capture(hashing, batch_records=self.options.batch_records)
+            except (EOFError, gzip.BadGzipFile) as e:
+                raise OSError(f"{path}: {e}") from e
+            errors: Counter[str] = Counter()
+            first: int | None = None
+            last: int | None = None
+            seen = 0
+            table_errors_before = Counter(self.table.errors)
+            for batch in reader.batches():
+                if len(batch) == 0:
+                    continue
+                dec = decode_batch(batch)
+                errors.update(dec.error_counts())
+                lo, hi = int(batch.ts_ns.min()), int(batch.ts_ns.max())
+                first = lo if first is None else min(first, lo)
+                last = hi if last is None else max(last, hi)
+                self.table.process(dec)
+                self._drain()
+                if progress is not None:
+                    progress(hashing.size - seen)
+                    seen = hashing.size
+            # Table-level errors (orphan fragments) belong to the capture just read.
+            errors.update(self.table.errors - table_errors_before)
+        info = reader.info
+        summary = CaptureSummary(
+            path=path, sha256=hashing.sha256(), format=info.format,
+            link_types=sorted(info.link_types), packets=info.packets, bytes=hashing.size,
+            first_ns=first, last_ns=last, truncated=info.truncated, damage=info.damage,
+            decode_errors=errors)
+        if progress is not None:
+            progress(hashing.size - seen)
+        self.captures.append(summary)
+        return summary
+
+    def finish(self, *, policy_path: str, policy_sha256: str) -> AuditResult:
+        """Close every open flow and build the result (flows sorted)."""
+        self.table.flush()
+        self._drain()
+        result = AuditResult(policy_path=policy_path, policy_sha256=policy_sha256,
+                             geoip=self.resolver.sources(), captures=self.captures,
+                             flows=self.flows, warnings=list(self.policy.warnings))
+        result.sort_flows()
+        transit = sum(1 for f in self.flows if f.verdict.verdict is VerdictKind.TRANSIT)
+        if self.flows and transit / len(self.flows) > TRANSIT_WARNING_SHARE:
+            result.warnings.append(
+                f"{transit} of {len(self.flows)} flows ({100 * transit / len(self.flows):.0f}%) "
+                "have no internal endpoint: internal_networks is probably wrong for this "
+                "capture (the flows were not checked against the routes)")
+        return result

@@ -1,0 +1,270 @@
+"""Command line: ``egressd audit``, ``check-config``, ``lookup``.
+
+Exit status is a contract for scripts and CI jobs:
+
+* 0 — nothing at or above ``--fail-on`` was found (or the command succeeded);
+* 1 — findings (violations, or unknown-country exports with ``--fail-on unknown``);
+* 2 — usage, configuration or input error, with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+from egressd import __version__
+from egressd.audit import Audit, AuditOptions, Progress, input_size
+from egressd.config import Config, ConfigError, load_config
+from egressd.flows import FlowTimeouts
+from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
+from egressd.model import VerdictKind
+from egressd.netset import DEFAULT_INTERNAL_NETWORKS
+from egressd.report import AuditResult, write_json
+from egressd.report_text import write_text
+from egressd.sources.base import CaptureError
+from egressd.sources.files import expand_capture_args
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit 2."""
+
+
+def _err(msg: str) -> None:
+    print(f"egressd: error: {msg}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    print(f"egressd: warning: {msg}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="egressd",
+        description="Shows where data leaves the country and whether an approved export "
+                    "route covers it.")
+    p.add_argument("--version", action="version", version=f"egressd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("audit", help="check pcap/pcapng captures against the export policy",
+                       description="Replay captures offline and report every flow's "
+                                   "destination country and verdict.")
+    a.add_argument("--policy", required=True, metavar="FILE",
+                   help="policy (or full daemon config) YAML file")
+    a.add_argument("--geoip-db", metavar="MMDB",
+                   help="MaxMind GeoIP2/GeoLite2 Country or City database "
+                        "(default: the policy file's geoip.country_db, else the embedded "
+                        "registry-country data)")
+    a.add_argument("--asn-db", metavar="MMDB", help="MaxMind GeoLite2/GeoIP2 ASN database")
+    a.add_argument("--format", choices=("text", "json", "html"), default="text")
+    a.add_argument("--output", "-o", metavar="FILE", help="write the report here (default stdout)")
+    a.add_argument("--fail-on", choices=("violation", "unknown", "never"), default="violation",
+                   help="exit 1 when a finding at or above this level exists (default violation)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("captures", nargs="+", metavar="CAPTURE",
+                   help="pcap/pcapng file (.gz too), a directory of them, or - for stdin")
+
+    c = sub.add_parser("check-config", help="validate a policy or daemon config file")
+    c.add_argument("file", metavar="FILE")
+
+    lk = sub.add_parser("lookup", help="country, ASN and verdict an address would get")
+    lk.add_argument("--config", "--policy", dest="config", metavar="FILE",
+                    help="policy or daemon config (verdicts need it)")
+    lk.add_argument("--geoip-db", metavar="MMDB")
+    lk.add_argument("--asn-db", metavar="MMDB")
+    lk.add_argument("--proto", default="tcp", help="protocol for the verdict (default tcp)")
+    lk.add_argument("--port", type=int, default=443, help="service port (default 443)")
+    lk.add_argument("--from", dest="source", metavar="IP",
+                    help="internal source address (default: none, i.e. any zone)")
+    lk.add_argument("addresses", nargs="+", metavar="IP")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "audit":
+            return cmd_audit(args)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "lookup":
+            return cmd_lookup(args)
+    except (ConfigError, CaptureError, UsageError) as e:
+        _err(str(e))
+    except FileNotFoundError as e:
+        _err(f"{e.filename}: no such file" if e.filename else str(e))
+    except (OSError, ValueError) as e:
+        _err(str(e))
+    except KeyboardInterrupt:
+        _err("interrupted")
+    return EXIT_ERROR
+
+
+def _resolver(config: Config | None, geoip_db: str | None, asn_db: str | None,
+              cache_size: int | None = None) -> CachedResolver:
+    country = geoip_db or (config.geoip.country_db if config else None)
+    asn = asn_db or (config.geoip.asn_db if config else None)
+    size = cache_size or (config.geoip.cache_size if config else 65536)
+    resolver = open_resolver(country, asn, cache_size=size)
+    if country is None:
+        _warn(REGISTRY_NOTICE)
+    return resolver
+
+
+def _timeouts(config: Config) -> FlowTimeouts:
+    idle = config.flows.idle_timeout_seconds
+    return FlowTimeouts(tcp=idle.tcp, udp=idle.udp, other=idle.other,
+                        tcp_close_grace=config.flows.tcp_close_grace_seconds)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.format == "html":
+        raise UsageError("--format html is not available in this version; use text or json")
+    config = load_config(args.policy)
+    policy = config.policy
+    if policy.internal_auto:
+        policy = policy.resolve_auto(DEFAULT_INTERNAL_NETWORKS)
+        _warn("internal_networks: 'auto' means the live gateway's own networks; an audit uses "
+              "the default internal networks in its place")
+    for w in policy.warnings:
+        _warn(w)
+    paths = expand_capture_args(args.captures)
+    if not paths:
+        raise UsageError("no capture files found in " + " ".join(args.captures))
+    resolver = _resolver(config, args.geoip_db, args.asn_db)
+    audit = Audit(policy, resolver, AuditOptions(timeouts=_timeouts(config)))
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    for path in paths:
+        with _progress(path, show_progress) as progress:
+            summary = audit.add_capture(path, progress=progress)
+        if summary.truncated:
+            _warn(f"{path}: capture is damaged; read up to the damage: {summary.damage}")
+    result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "")
+    for w in result.warnings[len(policy.warnings):]:
+        _warn(w)
+    _write_report(result, args.format, args.output)
+    return _exit_status(result, args.fail_on)
+
+
+def _exit_status(result: AuditResult, fail_on: str) -> int:
+    if fail_on == "never":
+        return EXIT_OK
+    levels = {VerdictKind.VIOLATION}
+    if fail_on == "unknown":
+        levels.add(VerdictKind.UNKNOWN)
+    found = any(f.verdict.verdict in levels for f in result.flows)
+    return EXIT_FINDINGS if found else EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress(path: str, enabled: bool) -> Iterator[Progress | None]:
+    size = input_size(path)
+    if not enabled or (size is not None and size < PROGRESS_MIN_BYTES):
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                  console=None) as bar:
+        task = bar.add_task(os.path.basename(path) or path, total=size)
+        yield lambda n: bar.advance(task, n)
+
+
+def _write_report(result: AuditResult, fmt: str, output: str | None) -> None:
+    def render(out: IO[str]) -> None:
+        if fmt == "json":
+            write_json(result, out)
+        else:
+            tty = output is None and sys.stdout.isatty()
+            write_text(result, out, color=tty,
+                       width=shutil.get_terminal_size().columns if tty else None)
+
+    if output is None or output == "-":
+        render(sys.stdout)
+        sys.stdout.flush()
+        return
+    # Write next to the target and rename, so a reader never sees half a report.
+    directory = os.path.dirname(os.path.abspath(output))
+    fd, tmp = tempfile.mkstemp(prefix=".egressd-report-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            render(out)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    for w in config.policy.warnings:
+        _warn(w)
+    routes = len(config.policy.routes)
+    print(f"{args.file}: ok ({routes} route{'s' if routes != 1 else ''})")
+    return EXIT_OK
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from egressd.classify import Classifier, addr16
+    from egressd.model import PROTO_NUMBERS
+
+    config = load_config(args.config) if args.config else None
+    resolver = _resolver(config, args.geoip_db, args.asn_db)
+    proto = PROTO_NUMBERS.get(args.proto.lower())
+    if proto is None:
+        try:
+            proto = int(args.proto)
+        except ValueError:
+            raise UsageError(f"--proto: unknown protocol {args.proto!r}") from None
+    internal = addr16(args.source) if args.source else None
+    for ip in args.addresses:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise UsageError(f"{ip!r} is not an IP address") from None
+        geo = resolver.lookup(ip)
+        line = (f"{ip}\tcountry={geo.country or '-'}\tregistered={geo.registered_country or '-'}"
+                f"\tasn={geo.asn if geo.asn is not None else '-'}\tas_org={geo.as_org or '-'}")
+        if config is not None:
+            policy = config.policy
+            if policy.is_internal(addr16(ip)):
+                line += "\tverdict=internal"
+            else:
+                clf = Classifier(policy, resolver)
+                zone = policy.zone_of(internal) if internal else None
+                v = clf.verdict(proto, internal, ip, args.port, _now_ns(), geo, zone)
+                line += f"\tverdict={v.verdict.value}"
+                if v.route:
+                    line += f"\troute={v.route}"
+                if v.approval:
+                    line += f"\tapproval={v.approval}"
+                if v.reason:
+                    line += f"\treason={v.reason.value}"
+        print(line)
+    return EXIT_OK
+
+
+def _now_ns() -> int:
+    import time
+    return time.time_ns()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Classifier: direction, remote, zone, ports and verdict of finished flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mmdb_builder import build_mmdb
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
+
+from egressd.classify import Classifier, ip_text
+from egressd.config import parse_config
+from egressd.decode.batch import decode_batch
+from egressd.decode.linktypes import LINKTYPE_RAW
+from egressd.flows import FlowTable
+from egressd.geo import CachedResolver, MaxMindResolver
+from egressd.model import FlowRecord, Initiator, Reason, RecordBatch, VerdictKind
+
+NS = 10**9
+T0 = 1_772_352_000 * NS
+
+POLICY = b"""
+home_countries: [CN]
+zones:
+  customer-data: [10.20.0.0/16, "fd00:20::/32"]
+routes:
+  - name: hk-backup
+    approval: CAC-2025-0142
+    from: [customer-data]
+    to: {countries: [HK]}
+    protocols: [tcp]
+    ports: [443]
+  - name: vendor
+    approval: SCC-1
+    to: {asns: [64500]}
+"""
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    tmp: Path = tmp_path_factory.mktemp("geo")
+    country = build_mmdb(tmp / "c.mmdb", "GeoLite2-Country", {
+        "203.0.113.0/24": {"country": {"iso_code": "HK"}, "registered_country": {"iso_code": "HK"}},
+        "198.51.100.0/24": {"country": {"iso_code": "US"},
+                            "registered_country": {"iso_code": "GB"}},
+        "192.0.2.0/24": {"country": {"iso_code": "CN"}, "registered_country": {"iso_code": "CN"}},
+        "2001:db8:1::/48": {"country": {"iso_code": "DE"},
+                            "registered_country": {"iso_code": "DE"}},
+    })
+    asn = build_mmdb(tmp / "a.mmdb", "GeoLite2-ASN", {
+        "45.45.0.0/16": {"autonomous_system_number": 64500,
+                           "autonomous_system_organization": "Vendor Ltd"},
+    })
+    config = parse_config(POLICY, "policy.yaml")
+    return Classifier(config.policy, CachedResolver(MaxMindResolver(country, asn)))
+
+
+def flows_of(clf: Classifier, packets: list[bytes]) -> list[FlowRecord]:
+    table = FlowTable()
+    table.process(decode_batch(RecordBatch.from_packets(
+        [(T0 + i * NS // 100, LINKTYPE_RAW, p) for i, p in enumerate(packets)])))
+    table.flush()
+    return sorted((clf.classify(f) for f in table.finished), key=lambda r: r.first_seen_ns)
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str, size: int = 0) -> bytes:
+    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags)
+                 / Raw(b"d" * size))
+
+
+def test_approved_export_from_the_right_zone(classifier: Classifier) -> None:
+    [r] = flows_of(classifier, [tcp("10.20.0.5", "203.0.113.9", 50000, 443, "S"),
+                                tcp("203.0.113.9", "10.20.0.5", 443, 50000, "SA"),
+                                tcp("10.20.0.5", "203.0.113.9", 50000, 443, "PA", 500)])
+    assert (r.src_ip, r.src_port, r.dst_ip, r.dst_port) == ("10.20.0.5", 50000, "203.0.113.9", 443)
+    assert r.initiator is Initiator.INTERNAL and r.remote_ip == "203.0.113.9"
+    assert r.zone == "customer-data" and r.geo.country == "HK"
+    assert (r.packets_out, r.bytes_out, r.packets_in, r.bytes_in) == (2, 580, 1, 40)
+    assert r.verdict == (VerdictKind.APPROVED, "hk-backup", "CAC-2025-0142", None)
+
+
+def test_remote_initiated_flow_counts_what_the_internal_host_sent(classifier: Classifier) -> None:
+    [r] = flows_of(classifier, [tcp("198.51.100.7", "10.30.0.9", 40000, 22, "S"),
+                                tcp("10.30.0.9", "198.51.100.7", 22, 40000, "SA"),
+                                tcp("10.30.0.9", "198.51.100.7", 22, 40000, "PA", 2000)])
+    assert r.initiator is Initiator.REMOTE
+    assert (r.src_ip, r.dst_ip, r.dst_port) == ("198.51.100.7", "10.30.0.9", 22)
+    assert (r.packets_out, r.bytes_out, r.packets_in, r.bytes_in) == (2, 2080, 1, 40)
+    assert r.geo.country == "US" and r.geo.registered_country == "GB"
+    assert r.verdict == (VerdictKind.VIOLATION, None, None, Reason.NO_ROUTE)
+    assert r.zone is None
+
+
+def test_wrong_port_names_the_route_that_matched_the_destination(classifier: Classifier) -> None:
+    [r] = flows_of(classifier, [tcp("10.20.0.5", "203.0.113.9", 50000, 8443, "S")])
+    assert r.verdict == (VerdictKind.VIOLATION, "hk-backup", None, Reason.PORT_NOT_ALLOWED)
+
+
+def test_domestic_unknown_and_asn_route(classifier: Classifier) -> None:
+    recs = flows_of(classifier, [
+        bytes(IP(src="10.1.1.1", dst="192.0.2.8") / UDP(sport=1, dport=53)),
+        bytes(IP(src="10.1.1.1", dst="8.8.8.8") / UDP(sport=2, dport=53)),
+        bytes(IP(src="10.1.1.1", dst="45.45.3.3") / UDP(sport=3, dport=9999)),
+    ])
+    verdicts = {r.remote_ip: r.verdict for r in recs}
+    assert verdicts["192.0.2.8"].verdict is VerdictKind.DOMESTIC
+    assert verdicts["8.8.8.8"] == (VerdictKind.UNKNOWN, None, None, Reason.NO_COUNTRY)
+    assert verdicts["45.45.3.3"] == (VerdictKind.APPROVED, "vendor", "SCC-1", None)
+
+
+def test_internal_multicast_and_transit(classifier: Classifier) -> None:
+    recs = flows_of(classifier, [
+        bytes(IP(src="10.1.1.1", dst="10.20.0.5") / UDP(sport=1, dport=2)),
+        bytes(IP(src="10.1.1.1", dst="239.1.1.1") / UDP(sport=5353, dport=5353)),
+        bytes(IP(src="198.51.100.7", dst="203.0.113.9") / UDP(sport=3, dport=4) / Raw(b"t" * 10)),
+    ])
+    internal, mcast, transit = recs
+    assert internal.verdict.verdict is VerdictKind.INTERNAL and internal.remote_ip is None
+    assert internal.geo.country is None and internal.initiator is Initiator.INTERNAL
+    assert mcast.verdict.verdict is VerdictKind.INTERNAL
+    assert transit.verdict.verdict is VerdictKind.TRANSIT and transit.initiator is None
+    assert transit.remote_ip == "203.0.113.9" and transit.geo.country == "HK"
+    assert (transit.packets_out, transit.bytes_out) == (1, 38)
+
+
+def test_icmp_ports_are_type_and_code_and_ipv6_works(classifier: Classifier) -> None:
+    recs = flows_of(classifier, [
+        bytes(IP(src="10.20.0.5", dst="198.51.100.7") / ICMP(type=8, code=0)),
+        bytes(IP(src="198.51.100.7", dst="10.20.0.5") / ICMP(type=0, code=0)),
+        bytes(IPv6(src="fd00:20::5", dst="2001:db8:1::1") / UDP(sport=7, dport=9)),
+    ])
+    icmp, v6 = recs
+    assert (icmp.proto, icmp.src_port, icmp.dst_port, icmp.packets_in) == (1, 8, 0, 1)
+    assert v6.zone == "customer-data" and v6.geo.country == "DE"
+    assert v6.verdict == (VerdictKind.VIOLATION, None, None, Reason.NO_ROUTE)
+
+
+def test_ip_text_prints_mapped_addresses_as_ipv4() -> None:
+    assert ip_text(b"\x00" * 10 + b"\xff\xff" + bytes([1, 2, 3, 4])) == "1.2.3.4"
+    assert ip_text(bytes(15) + b"\x01") == "::1"
