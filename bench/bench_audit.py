@@ -19,6 +19,7 @@ compares with the others.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -33,14 +34,20 @@ TOOLS = ("egressd", "tshark", "reference")
 
 
 def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
-    """The cached capture for these parameters, generated when missing."""
-    path = cache_dir / f"gateway-{packets}-seed{seed}.pcap"
+    """The cached capture for these parameters, generated when missing.
+
+    The name carries a digest of the generator, so a changed generator makes a
+    new capture instead of reusing one it would no longer write.
+    """
+    maker = ROOT / "bench" / "make_capture.py"
+    digest = hashlib.sha256(maker.read_bytes()).hexdigest()[:10]
+    path = cache_dir / f"gateway-{packets}-seed{seed}-{digest}.pcap"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         print(f"generating {path} ...", flush=True)
         subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "make_capture.py"), "--packets", str(packets),
+            [sys.executable, str(maker), "--packets", str(packets),
              "--seed", str(seed), "--out", str(tmp)],
             check=True,
         )

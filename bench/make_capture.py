@@ -17,7 +17,7 @@ captures taken with checksum offload.
 Everything is drawn from a seeded generator: the same arguments give the same
 file, byte for byte.
 
-    python bench/make_capture.py --packets 1000000 --out /tmp/gw.pcap
+    python bench/make_capture.py --packets 1000000 --out gateway.pcap
 """
 
 from __future__ import annotations

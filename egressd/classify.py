@@ -37,9 +37,9 @@ _TRANSIT = Verdict(VerdictKind.TRANSIT)
 _NO_GEO = GeoInfo()
 
 
-def ip_text(addr16: bytes) -> str:
-    """Text form of a 16-byte address (IPv4-mapped addresses print as IPv4)."""
-    if addr16[:12] == V4_MAPPED_PREFIX:
+def ip_text(addr16: bytes, version: int = 4) -> str:
+    """Text form of a 16-byte address of an IPv4 (mapped) or IPv6 packet."""
+    if version == 4 and addr16[:12] == V4_MAPPED_PREFIX:
         return socket.inet_ntop(socket.AF_INET, addr16[12:])
     return socket.inet_ntop(socket.AF_INET6, addr16)
 
@@ -50,9 +50,9 @@ def addr16(ip: str) -> bytes:
     return V4_MAPPED_PREFIX + raw if len(raw) == 4 else raw
 
 
-def packed(addr16: bytes) -> bytes:
+def packed(addr16: bytes, version: int = 4) -> bytes:
     """The address as Community ID hashes it: 4 bytes for IPv4, 16 for IPv6."""
-    return addr16[12:] if addr16[:12] == V4_MAPPED_PREFIX else addr16
+    return addr16[12:] if version == 4 and addr16[:12] == V4_MAPPED_PREFIX else addr16
 
 
 class Classifier:
@@ -97,8 +97,9 @@ class Classifier:
             src_port = dst_port = None
         src_int = self.is_internal(src)
         dst_int = self.is_internal(dst)
-        src_ip, dst_ip = ip_text(src), ip_text(dst)
-        cid = community_id(proto, packed(src), packed(dst), src_port, dst_port)
+        ver = flow.version
+        src_ip, dst_ip = ip_text(src, ver), ip_text(dst, ver)
+        cid = community_id(proto, packed(src, ver), packed(dst, ver), src_port, dst_port)
         zone: str | None = None
         if (src_int and dst_int) or is_multicast_or_broadcast(dst):
             return FlowRecord(cid, proto, src_ip, src_port, dst_ip, dst_port,

@@ -156,9 +156,7 @@ def format_key_path(path: KeyPath) -> str:
 # ---------------------------------------------------------------------------
 
 _TAG = "tag:yaml.org,2002:"
-_SCALAR_TAGS = frozenset(
-    _TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")
-)
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
 
 
 class _Refused(Exception):
@@ -850,9 +848,7 @@ def _expected_keys(root: type[BaseModel], parent: KeyPath) -> list[str]:
     for part in parent:
         if isinstance(part, int) or model is None:
             continue
-        info = next(
-            (f for n, f in model.model_fields.items() if (f.alias or n) == part), None
-        )
+        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
         model = None if info is None else _model_below(info.annotation)
     if model is None:
         return []

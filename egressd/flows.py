@@ -248,12 +248,15 @@ class FlowTable:
         d64 = dst
         swap = (s64[:, 0] > d64[:, 0]) | ((s64[:, 0] == d64[:, 0]) & (
             (s64[:, 1] > d64[:, 1]) | ((s64[:, 1] == d64[:, 1]) & (ksport > kdport))))
-        # Key: 5 big-endian words, i.e. the bytes proto, lo port, hi port, 3 zero
-        # bytes, lo address, hi address ("lo" is the endpoint that sorts first).
+        # Key: 5 big-endian words, i.e. the bytes proto, lo port, hi port, IP
+        # version, 2 zero bytes, lo address, hi address ("lo" is the endpoint
+        # that sorts first).  The version keeps an IPv6 packet that carries
+        # IPv4-mapped addresses apart from IPv4.
         keys = np.empty((n, 5), dtype=">u8")
         lo_port = np.where(swap, kdport, ksport)
         hi_port = np.where(swap, ksport, kdport)
-        keys[:, 0] = (proto << 56) | (lo_port << 40) | (hi_port << 24)
+        version = dec.version[rows].astype(np.int64)
+        keys[:, 0] = (proto << 56) | (lo_port << 40) | (hi_port << 24) | (version << 16)
         sw = swap[:, None]
         keys[:, 1:3] = np.where(sw, d64, s64)
         keys[:, 3:5] = np.where(sw, s64, d64)

@@ -145,11 +145,11 @@ class NetworkSet:
             value = int.from_bytes(addr)
             table = self._v4
         elif size == 16:
-            if addr[:12] == _MAPPED_PREFIX:
-                value = int.from_bytes(addr[12:])
+            value = int.from_bytes(addr)
+            if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d
+                value &= 0xFFFFFFFF
                 table = self._v4
             else:
-                value = int.from_bytes(addr)
                 table = self._v6
         else:
             raise ValueError(f"a packed address has 4 or 16 bytes, not {size}")
@@ -175,11 +175,11 @@ class NetworkSet:
             value = int.from_bytes(addr)
             table = self._v4
         elif size == 16:
-            if addr[:12] == _MAPPED_PREFIX:
-                value = int.from_bytes(addr[12:])
+            value = int.from_bytes(addr)
+            if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d
+                value &= 0xFFFFFFFF
                 table = self._v4
             else:
-                value = int.from_bytes(addr)
                 table = self._v6
         else:
             raise ValueError(f"a packed address has 4 or 16 bytes, not {size}")

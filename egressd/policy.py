@@ -173,15 +173,11 @@ class _Compiled:
         self.expires_ns = route.expires_ns
         name = route.name
         self.approved = Verdict(VerdictKind.APPROVED, name, route.approval)
-        self.zone_not_allowed = Verdict(
-            VerdictKind.VIOLATION, name, reason=Reason.ZONE_NOT_ALLOWED
-        )
+        self.zone_not_allowed = Verdict(VerdictKind.VIOLATION, name, reason=Reason.ZONE_NOT_ALLOWED)
         self.protocol_not_allowed = Verdict(
             VerdictKind.VIOLATION, name, reason=Reason.PROTOCOL_NOT_ALLOWED
         )
-        self.port_not_allowed = Verdict(
-            VerdictKind.VIOLATION, name, reason=Reason.PORT_NOT_ALLOWED
-        )
+        self.port_not_allowed = Verdict(VerdictKind.VIOLATION, name, reason=Reason.PORT_NOT_ALLOWED)
         self.expired = Verdict(VerdictKind.VIOLATION, name, reason=Reason.ROUTE_EXPIRED)
 
 
@@ -439,4 +435,3 @@ def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
     if isinstance(inner, IPv6Network) and isinstance(outer, IPv6Network):
         return inner.subnet_of(outer)
     return False
-

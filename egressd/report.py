@@ -25,10 +25,18 @@ NO_COUNTRY_KEY = "unknown"
 """Key of ``bytes_out_by_country`` for remotes without a country."""
 
 
+_SECONDS: dict[int, str] = {}
+
+
 def rfc3339(ns: int) -> str:
     """UTC RFC 3339 time with microseconds, from nanoseconds since the epoch."""
     sec, rem = divmod(ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = _SECONDS.get(sec)
+    if stamp is None:
+        # Flows cluster in time: formatting each second once saves most of the cost.
+        if len(_SECONDS) > 100_000:
+            _SECONDS.clear()
+        stamp = _SECONDS[sec] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{stamp}.{rem // 1000:06d}Z"
 
 
@@ -132,6 +140,51 @@ def flow_json(f: FlowRecord) -> dict[str, Any]:
     }
 
 
+_STRINGS: dict[str, str] = {}
+
+
+def _js(value: str | None) -> str:
+    """JSON text of a string from the policy or the GeoIP data (escaped once, then cached)."""
+    if value is None:
+        return "null"
+    text = _STRINGS.get(value)
+    if text is None:
+        if len(_STRINGS) > 100_000:
+            _STRINGS.clear()
+        text = _STRINGS[value] = json.dumps(value, ensure_ascii=False)
+    return text
+
+
+def _jn(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+_PROTO_JSON = {p: json.dumps(proto_name(p)) for p in range(256)}
+
+
+def flow_line(f: FlowRecord) -> str:
+    """``json.dumps(flow_json(f), separators=(",", ":"))``, several times faster.
+
+    Addresses and Community IDs never need escaping; every other string goes
+    through :func:`json.dumps` once.  The test suite checks both agree.
+    """
+    v = f.verdict
+    g = f.geo
+    return (
+        f'{{"community_id":"{f.community_id}","proto":{_PROTO_JSON[f.proto]},'
+        f'"src_ip":"{f.src_ip}","src_port":{_jn(f.src_port)},'
+        f'"dst_ip":"{f.dst_ip}","dst_port":{_jn(f.dst_port)},'
+        f'"initiator":{_js(f.initiator)},"remote_ip":{_js(f.remote_ip)},'
+        f'"country":{_js(g.country)},"registered_country":{_js(g.registered_country)},'
+        f'"asn":{_jn(g.asn)},"as_org":{_js(g.as_org)},"zone":{_js(f.zone)},'
+        f'"first_seen":"{rfc3339(f.first_seen_ns)}","last_seen":"{rfc3339(f.last_seen_ns)}",'
+        f'"packets_out":{f.packets_out},"bytes_out":{f.bytes_out},'
+        f'"packets_in":{f.packets_in},"bytes_in":{f.bytes_in},'
+        f'"verdict":{_js(v.verdict)},"route":{_js(v.route)},"approval":{_js(v.approval)},'
+        f'"reason":{_js(v.reason)}}}'
+    )
+
+
 def write_json(result: AuditResult, out: IO[str], *, generated_at: datetime | None = None) -> None:
     """Write the ``egressd.audit/1`` report.
 
@@ -156,8 +209,7 @@ def write_json(result: AuditResult, out: IO[str], *, generated_at: datetime | No
     for key, value in head.items():
         out.write(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},\n")
     out.write('  "flows": [')
-    _write_lines(out, (json.dumps(flow_json(f), ensure_ascii=False, separators=(",", ":"))
-                       for f in result.flows))
+    _write_lines(out, (flow_line(f) for f in result.flows))
     out.write("]\n}\n")
 
 

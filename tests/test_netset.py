@@ -206,11 +206,7 @@ def test_agrees_with_ipaddress(
             as_v4: ipaddress.IPv4Address | ipaddress.IPv6Address = addr.ipv4_mapped
         else:
             as_v4 = addr
-        matches = [
-            i
-            for i, net in enumerate(nets)
-            if _reference_contains(net, as_v4)
-        ]
+        matches = [i for i, net in enumerate(nets) if _reference_contains(net, as_v4)]
         assert netset.contains(addr.packed) is bool(matches), (nets, addr)
         assert netset.first_match(addr.packed) == (matches[0] if matches else None)
 
@@ -222,9 +218,7 @@ def _reference_contains(
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
         mapped = ipaddress.IPv6Network("::ffff:0:0/96")
         if net.subnet_of(mapped):
-            net = ipaddress.IPv4Network(
-                (int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96)
-            )
+            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     if net.version != addr.version:
         return False
     return addr in net

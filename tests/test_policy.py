@@ -517,14 +517,19 @@ def test_warning_for_an_expired_route() -> None:
         "it approves only flows first seen before then"
     ]
     # Expiring exactly now counts as expired; a moment later does not.
-    assert load(BASE.replace("2027-01-01", "2026-01-01"), now=NOW).warnings[0].endswith(
-        "expired at 2026-01-01; it approves only flows first seen before then"
+    assert (
+        load(BASE.replace("2027-01-01", "2026-01-01"), now=NOW)
+        .warnings[0]
+        .endswith("expired at 2026-01-01; it approves only flows first seen before then")
     )
     assert load(BASE.replace("2027-01-01", "2026-01-01T00:00:01Z"), now=NOW).warnings == []
 
 
 def test_warning_for_a_zone_outside_the_internal_networks() -> None:
-    text = "home_countries: [CN]\ninternal_networks: [10.0.0.0/8]\nzones:\n  z: [10.1.0.0/16, 192.0.2.0/24]\n"
+    text = (
+        "home_countries: [CN]\ninternal_networks: [10.0.0.0/8]\n"
+        "zones:\n  z: [10.1.0.0/16, 192.0.2.0/24]\n"
+    )
     assert load(text).warnings == [
         "policy.yaml: zones.z: '192.0.2.0/24' is not inside internal_networks: its "
         "addresses count as remote, not as this zone"

@@ -181,7 +181,7 @@ def test_snaplen_cut_records() -> None:
 def test_caplen_over_small_snaplen_up_to_262144_is_tolerated() -> None:
     recs = [(1, 0, b"y" * 262144, 262144), (2, 0, b"z" * 1000, 1000)]
     reader = PcapReader(io.BytesIO(pcap_file(recs, snaplen=96)))
-    batches, rows = read_all(reader)
+    _batches, rows = read_all(reader)
     assert len(rows) == 2 and not reader.info.truncated
 
 
@@ -294,7 +294,10 @@ def test_cut_inside_file_header(cut: int) -> None:
     reader = PcapReader(io.BytesIO(pcap_header()[:cut]))
     assert list(reader.batches()) == []
     assert reader.info.truncated
-    assert reader.info.damage == f"file ends inside the file header at offset {cut} ({cut} of 24 bytes)"
+    assert (
+        reader.info.damage
+        == f"file ends inside the file header at offset {cut} ({cut} of 24 bytes)"
+    )
 
 
 # -- damage ------------------------------------------------------------------------
@@ -352,7 +355,7 @@ def test_cut_at_every_offset(order: str, magic: int, chunk: int) -> None:
                 PcapReader(io.BytesIO(data[:cut]))
             continue
         reader = PcapReader(io.BytesIO(data[:cut]), chunk_bytes=chunk)
-        batches, rows = read_all(reader)
+        _batches, rows = read_all(reader)
         info = reader.info
         complete = sum(1 for e in ends[1:] if e <= cut)
         assert info.packets == complete == len(rows), cut

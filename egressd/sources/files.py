@@ -145,7 +145,8 @@ class HashingReader(io.RawIOBase):
     :meth:`sha256` and :attr:`size` describe the whole file as stored, because
     the readers read to the end of their input even when they stop at damage.
     (Not so when :func:`open_capture` raises :class:`CaptureError`: then only
-    the first bytes have been read.)  Closing the wrapper closes the wrapped file.
+    the first bytes have been read.)  Closing the wrapper leaves the wrapped
+    file open: whoever opened it closes it (it may be standard input).
     """
 
     def __init__(self, raw: ByteSource) -> None:
@@ -183,10 +184,3 @@ class HashingReader(io.RawIOBase):
     def sha256(self) -> str:
         """Hex SHA-256 of the bytes read so far."""
         return self._hash.hexdigest()
-
-    def close(self) -> None:
-        if not self.closed:
-            close = getattr(self._raw, "close", None)
-            if close is not None:
-                close()
-        super().close()

@@ -110,7 +110,9 @@ class ChunkedInput:
             self._prefix = self._prefix[size:]
             parts.append(part)
             got = len(part)
-        read = self._f.read
+        # read1 where there is one: a gzip stream that fails part-way through
+        # then still hands out what it decompressed before the failure.
+        read = getattr(self._f, "read1", None) or self._f.read
         while got < size and not self.eof:
             try:
                 part = read(min(size - got, MAX_RECORD_BYTES))
@@ -124,22 +126,26 @@ class ChunkedInput:
             parts.append(part)
             got += len(part)
         self.offset += got
-        if len(parts) == 1:
+        if len(parts) == 1 and type(parts[0]) is bytes:
             return parts[0]
         return b"".join(parts)
 
     def drain(self) -> None:
         """Read and discard the rest of the input.
 
-        When a decompressing source fails, the compressed file underneath (the
-        ``fileobj`` of a ``gzip.GzipFile``) is drained instead.
+        When a decompressing source has failed, the compressed file underneath
+        (the ``fileobj`` of a ``gzip.GzipFile``) is drained instead.
         """
         self._prefix = b""
         f = self._f
-        try:
-            while not self.eof and f.read(DEFAULT_CHUNK_BYTES):
-                pass
-        except _STREAM_ERRORS:
+        failed = self.error is not None
+        if not failed:
+            try:
+                while f.read(DEFAULT_CHUNK_BYTES):
+                    pass
+            except _STREAM_ERRORS:
+                failed = True
+        if failed:
             inner = getattr(f, "fileobj", None)
             if inner is not None:
                 while inner.read(DEFAULT_CHUNK_BYTES):

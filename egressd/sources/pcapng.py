@@ -458,11 +458,11 @@ class PcapngReader(ChunkWalker):
             notime = np.concatenate([s[5] for s in segments])
         count = offsets.shape[0]
         ts = np.empty(count, dtype=np.int64)
-        groups = np.unique(gif)
-        if groups.shape[0] == 1:
-            ts[:] = ticks_to_ns(ticks, self.interfaces[int(groups[0])])
+        first = int(gif[0])
+        if int(gif.min()) == first == int(gif.max()):
+            ts[:] = ticks_to_ns(ticks, self.interfaces[first])
         else:
-            for g in groups.tolist():
+            for g in np.unique(gif).tolist():
                 mask = gif == g
                 ts[mask] = ticks_to_ns(ticks[mask], self.interfaces[g])
         if notime.any():

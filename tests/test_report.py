@@ -1,0 +1,105 @@
+"""Report rendering: the fast flow encoder equals json.dumps, summaries, times, text view."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressd.model import FlowRecord, GeoInfo, GeoSource, Initiator, Reason, Verdict, VerdictKind
+from egressd.report import AuditResult, CaptureSummary, flow_json, flow_line, rfc3339, write_json
+from egressd.report_text import write_text
+
+TEXT = st.one_of(st.none(), st.text(max_size=12))
+NS = st.integers(0, 4_000_000_000 * 10**9)
+
+
+@st.composite
+def records(draw: st.DrawFn) -> FlowRecord:
+    verdict = draw(st.sampled_from(list(VerdictKind)))
+    return FlowRecord(
+        community_id="1:" + draw(st.text("abcXYZ019+/=", min_size=28, max_size=28)),
+        proto=draw(st.integers(0, 255)),
+        src_ip=draw(st.sampled_from(["10.0.0.1", "fd00::1"])),
+        src_port=draw(st.one_of(st.none(), st.integers(0, 65535))),
+        dst_ip=draw(st.sampled_from(["203.0.113.5", "2001:db8::5"])),
+        dst_port=draw(st.one_of(st.none(), st.integers(0, 65535))),
+        initiator=draw(st.one_of(st.none(), st.sampled_from(list(Initiator)))),
+        remote_ip=draw(st.one_of(st.none(), st.just("203.0.113.5"))),
+        geo=GeoInfo(draw(TEXT), draw(TEXT), draw(st.one_of(st.none(), st.integers(0, 2**32))),
+                    draw(TEXT)),
+        zone=draw(TEXT),
+        first_seen_ns=draw(NS), last_seen_ns=draw(NS),
+        packets_out=draw(st.integers(0, 10**9)), bytes_out=draw(st.integers(0, 10**15)),
+        packets_in=draw(st.integers(0, 10**9)), bytes_in=draw(st.integers(0, 10**15)),
+        verdict=Verdict(verdict, draw(TEXT), draw(TEXT),
+                        draw(st.one_of(st.none(), st.sampled_from(list(Reason))))),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(records())
+def test_fast_flow_line_is_exactly_json_dumps(rec: FlowRecord) -> None:
+    expected = json.dumps(flow_json(rec), ensure_ascii=False, separators=(",", ":"))
+    assert flow_line(rec) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(NS)
+def test_rfc3339_matches_datetime(ns: int) -> None:
+    dt = datetime.fromtimestamp(ns // 10**9, UTC)
+    assert rfc3339(ns) == dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9 // 1000:06d}Z"
+
+
+def _rec(verdict: VerdictKind, country: str | None, out: int) -> FlowRecord:
+    return FlowRecord("1:x", 6, "10.0.0.1", 1, "203.0.113.5", 443, Initiator.INTERNAL,
+                      "203.0.113.5", GeoInfo(country), "corp", 10**18, 10**18 + 5, 1, out, 1, 7,
+                      Verdict(verdict, reason=Reason.NO_ROUTE
+                              if verdict is VerdictKind.VIOLATION else None))
+
+
+def _result() -> AuditResult:
+    cap = CaptureSummary("a.pcap", "00" * 32, "pcap", [1], 10, 999, 10**18, 10**18 + 5, False,
+                         None, Counter({"non_ip": 2}))
+    flows = [_rec(VerdictKind.VIOLATION, "US", 100), _rec(VerdictKind.DOMESTIC, "CN", 50),
+             _rec(VerdictKind.UNKNOWN, None, 7), _rec(VerdictKind.TRANSIT, "DE", 1000),
+             _rec(VerdictKind.VIOLATION, "US", 1)]
+    return AuditResult("p.yaml", "ab" * 32, [GeoSource("maxmind", "/x.mmdb", "GeoLite2-Country",
+                                                        1)], [cap], flows, ["w1"])
+
+
+def test_summary_counts_every_verdict_and_exports_by_country() -> None:
+    s = _result().summary()
+    assert s["verdicts"] == {"domestic": 1, "approved": 0, "violation": 2, "unknown": 1,
+                             "internal": 0, "transit": 1}
+    assert s["bytes_out_by_verdict"]["violation"] == 101
+    assert s["bytes_out_by_country"] == {"CN": 50, "US": 101, "unknown": 7}  # no transit
+    assert s["packets"] == 10 and s["flows"] == 5
+
+
+def test_json_document_layout_is_valid_and_fixed() -> None:
+    out = io.StringIO()
+    write_json(_result(), out, generated_at=datetime(2026, 3, 1, tzinfo=UTC))
+    doc = json.loads(out.getvalue())
+    assert list(doc) == ["schema", "egressd_version", "generated_at", "policy", "geoip",
+                         "captures", "summary", "warnings", "flows"]
+    assert doc["generated_at"] == "2026-03-01T00:00:00Z"
+    assert doc["captures"][0]["decode_errors"] == {"non_ip": 2}
+    assert len(doc["flows"]) == 5
+    empty = io.StringIO()
+    write_json(AuditResult("p", "s", [], [], []), empty)
+    assert json.loads(empty.getvalue())["flows"] == []
+
+
+def test_text_report_lists_findings_largest_first() -> None:
+    out = io.StringIO()
+    write_text(_result(), out)
+    text = out.getvalue()
+    assert "Violations and unknown-country exports (3)" in text
+    lines = [ln for ln in text.splitlines() if "no_route" in ln or "no_country" in ln]
+    assert "100 B" in lines[0] and "1 B" in lines[-1]
+    assert "warning: w1" in text
