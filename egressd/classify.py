@@ -13,15 +13,18 @@ from __future__ import annotations
 import bisect
 import socket
 from collections import OrderedDict
+from typing import NamedTuple
 
 from egressd.community import community_id
 from egressd.decode.scalar import V4_MAPPED_PREFIX
 from egressd.flows import Flow
 from egressd.geo import Resolver
 from egressd.model import (
-    PORT_PROTOS,
     PROTO_ICMP,
     PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
     FlowEndpoints,
     FlowRecord,
     GeoInfo,
@@ -31,6 +34,15 @@ from egressd.model import (
 )
 from egressd.netset import is_multicast_or_broadcast, pack_ip
 from egressd.policy import Policy
+
+
+class _Addr(NamedTuple):
+    internal: bool
+    text: str
+    packed: bytes
+    zone: str | None
+    multicast: bool
+
 
 _INTERNAL = Verdict(VerdictKind.INTERNAL)
 _TRANSIT = Verdict(VerdictKind.TRANSIT)
@@ -66,17 +78,26 @@ class Classifier:
         self.resolver = resolver
         self._cache: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
         self._cache_size = cache_size
-        self._internal: dict[bytes, bool] = {}
+        self._addrs: dict[tuple[bytes, int], _Addr] = {}
         self._expiries = sorted({r.expires_ns for r in policy.routes if r.expires_ns is not None})
 
+    def _addr(self, addr16: bytes, version: int) -> _Addr:
+        """Everything the classifier needs about one address, computed once."""
+        key = (addr16, version)
+        info = self._addrs.get(key)
+        if info is None:
+            internal = self.policy.is_internal(addr16)
+            info = _Addr(internal, ip_text(addr16, version), packed(addr16, version),
+                         self.policy.zone_of(addr16) if internal else None,
+                         is_multicast_or_broadcast(addr16))
+            if len(self._addrs) >= self._cache_size:
+                self._addrs.clear()
+            self._addrs[key] = info
+        return info
+
     def is_internal(self, addr16: bytes) -> bool:
-        known = self._internal.get(addr16)
-        if known is None:
-            known = self.policy.is_internal(addr16)
-            if len(self._internal) >= self._cache_size:
-                self._internal.clear()
-            self._internal[addr16] = known
-        return known
+        """True when the 16-byte address is in the policy's internal networks."""
+        return self._addr(addr16, 6 if addr16[:12] != V4_MAPPED_PREFIX else 4).internal
 
     def classify(self, flow: Flow) -> FlowRecord:
         """The report row for ``flow`` as it stands now."""
@@ -89,36 +110,34 @@ class Classifier:
         proto = flow.proto
         src_port: int | None
         dst_port: int | None
-        if proto in (PROTO_ICMP, PROTO_ICMPV6):
-            src_port, dst_port = flow.icmp_type, flow.icmp_code
-        elif proto in PORT_PROTOS:
+        if proto in (PROTO_TCP, PROTO_UDP, PROTO_SCTP):
             src_port, dst_port = sport, dport
+        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+            src_port, dst_port = flow.icmp_type, flow.icmp_code
         else:
             src_port = dst_port = None
-        src_int = self.is_internal(src)
-        dst_int = self.is_internal(dst)
         ver = flow.version
-        src_ip, dst_ip = ip_text(src, ver), ip_text(dst, ver)
-        cid = community_id(proto, packed(src, ver), packed(dst, ver), src_port, dst_port)
-        zone: str | None = None
-        if (src_int and dst_int) or is_multicast_or_broadcast(dst):
-            return FlowRecord(cid, proto, src_ip, src_port, dst_ip, dst_port,
-                              Initiator.INTERNAL if src_int else Initiator.REMOTE, None, _NO_GEO,
-                              self.policy.zone_of(src) if src_int else None, flow.first_ns,
-                              flow.last_ns, out_pk, out_by, in_pk, in_by, _INTERNAL)
-        if not src_int and not dst_int:
-            return FlowRecord(cid, proto, src_ip, src_port, dst_ip, dst_port, None, dst_ip,
-                              self.resolver.lookup(dst_ip), None, flow.first_ns, flow.last_ns,
+        s = self._addr(src, ver)
+        d = self._addr(dst, ver)
+        cid = community_id(proto, s.packed, d.packed, src_port, dst_port)
+        if (s.internal and d.internal) or d.multicast:
+            return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port,
+                              Initiator.INTERNAL if s.internal else Initiator.REMOTE, None,
+                              _NO_GEO, s.zone, flow.first_ns, flow.last_ns, out_pk, out_by,
+                              in_pk, in_by, _INTERNAL)
+        if not s.internal and not d.internal:
+            return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port, None, d.text,
+                              self.resolver.lookup(d.text), None, flow.first_ns, flow.last_ns,
                               out_pk, out_by, in_pk, in_by, _TRANSIT)
-        if src_int:
-            initiator, internal, remote_ip = Initiator.INTERNAL, src, dst_ip
+        if s.internal:
+            initiator, internal, remote = Initiator.INTERNAL, src, d
         else:
-            initiator, internal, remote_ip = Initiator.REMOTE, dst, src_ip
+            initiator, internal, remote = Initiator.REMOTE, dst, s
             out_pk, out_by, in_pk, in_by = in_pk, in_by, out_pk, out_by
-        zone = self.policy.zone_of(internal)
-        geo = self.resolver.lookup(remote_ip)
-        verdict = self.verdict(proto, internal, remote_ip, dst_port, flow.first_ns, geo, zone)
-        return FlowRecord(cid, proto, src_ip, src_port, dst_ip, dst_port, initiator, remote_ip,
+        zone = s.zone if s.internal else d.zone
+        geo = self.resolver.lookup(remote.text)
+        verdict = self.verdict(proto, internal, remote.text, dst_port, flow.first_ns, geo, zone)
+        return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port, initiator, remote.text,
                           geo, zone, flow.first_ns, flow.last_ns, out_pk, out_by, in_pk, in_by,
                           verdict)
 

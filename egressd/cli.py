@@ -21,7 +21,7 @@ from typing import IO
 
 from egressd import __version__
 from egressd.audit import Audit, AuditOptions, Progress, input_size
-from egressd.config import Config, ConfigError, load_config
+from egressd.config import Config, ConfigError, load_config, load_policy
 from egressd.flows import FlowTimeouts
 from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
 from egressd.model import VerdictKind
@@ -62,13 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy (or full daemon config) YAML file")
     a.add_argument("--geoip-db", metavar="MMDB",
                    help="MaxMind GeoIP2/GeoLite2 Country or City database "
-                        "(default: the policy file's geoip.country_db, else the embedded "
-                        "registry-country data)")
+                        "(default: the embedded registry-country data)")
     a.add_argument("--asn-db", metavar="MMDB", help="MaxMind GeoLite2/GeoIP2 ASN database")
     a.add_argument("--format", choices=("text", "json", "html"), default="text")
     a.add_argument("--output", "-o", metavar="FILE", help="write the report here (default stdout)")
     a.add_argument("--fail-on", choices=("violation", "unknown", "never"), default="violation",
                    help="exit 1 when a finding at or above this level exists (default violation)")
+    a.add_argument("--idle-timeout", action="append", default=[], metavar="PROTO=SECONDS",
+                   help="idle timeout that ends a flow, per protocol: tcp, udp or other "
+                        "(defaults tcp=300 udp=60 other=30; repeatable)")
+    a.add_argument("--tcp-close-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="after a TCP teardown, how long late ACKs stay in the flow (default 5)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a.add_argument("captures", nargs="+", metavar="CAPTURE",
                    help="pcap/pcapng file (.gz too), a directory of them, or - for stdin")
@@ -120,17 +124,33 @@ def _resolver(config: Config | None, geoip_db: str | None, asn_db: str | None,
     return resolver
 
 
-def _timeouts(config: Config) -> FlowTimeouts:
-    idle = config.flows.idle_timeout_seconds
-    return FlowTimeouts(tcp=idle.tcp, udp=idle.udp, other=idle.other,
-                        tcp_close_grace=config.flows.tcp_close_grace_seconds)
+def _timeouts(specs: list[str], grace: float) -> FlowTimeouts:
+    default = FlowTimeouts()
+    values = {"tcp": default.tcp, "udp": default.udp, "other": default.other}
+    for spec in specs:
+        proto, _, secs = spec.partition("=")
+        if proto not in values:
+            raise UsageError(f"--idle-timeout {spec!r}: expected tcp=, udp= or other=SECONDS")
+        try:
+            value = float(secs)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise UsageError(f"--idle-timeout {spec!r}: seconds must be a positive number")
+        values[proto] = value
+    if not grace >= 0:
+        raise UsageError("--tcp-close-grace: seconds must not be negative")
+    return FlowTimeouts(tcp=values["tcp"], udp=values["udp"], other=values["other"],
+                        tcp_close_grace=grace)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.format == "html":
         raise UsageError("--format html is not available in this version; use text or json")
-    config = load_config(args.policy)
-    policy = config.policy
+    # The audit reads the policy keys only: a daemon config file is accepted as
+    # it is, and its daemon settings (capture, GeoIP paths, alerts) are ignored.
+    policy = load_policy(args.policy)
+    timeouts = _timeouts(args.idle_timeout, args.tcp_close_grace)
     if policy.internal_auto:
         policy = policy.resolve_auto(DEFAULT_INTERNAL_NETWORKS)
         _warn("internal_networks: 'auto' means the live gateway's own networks; an audit uses "
@@ -140,8 +160,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     paths = expand_capture_args(args.captures)
     if not paths:
         raise UsageError("no capture files found in " + " ".join(args.captures))
-    resolver = _resolver(config, args.geoip_db, args.asn_db)
-    audit = Audit(policy, resolver, AuditOptions(timeouts=_timeouts(config)))
+    resolver = _resolver(None, args.geoip_db, args.asn_db)
+    audit = Audit(policy, resolver, AuditOptions(timeouts=timeouts))
     show_progress = not args.no_progress and sys.stderr.isatty()
     for path in paths:
         with _progress(path, show_progress) as progress:

@@ -195,3 +195,21 @@ class FlowRecord(NamedTuple):
     packets_in: int
     bytes_in: int
     verdict: Verdict
+
+
+class Alert(NamedTuple):
+    """One alert about an unapproved export, as the sinks deliver it.
+
+    Repeated flows of the same group (internal source or zone, remote
+    network, route or reason) within the suppression window are folded into
+    the first alert: ``flow_count`` says how many flows it stands for so far.
+    """
+
+    record: FlowRecord
+    sensor: str
+    """Name of the gateway that saw the flow (default: its host name)."""
+    interface: str | None
+    group: str
+    """Stable text key of the de-duplication group (also the Alertmanager fingerprint input)."""
+    raised_ns: int
+    flow_count: int = 1

@@ -264,3 +264,26 @@ def test_transit_heavy_capture_warns_about_internal_networks(
     assert code == 0 and rep["summary"]["verdicts"]["transit"] == 3
     assert any("internal_networks is probably wrong" in w for w in rep["warnings"])
     assert "internal_networks is probably wrong" in err
+
+
+def test_idle_timeout_flags(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cap = env["tmp"] / "udp-gap.pcap"
+    w = PcapWriter(str(cap), linktype=1, sync=True)
+    for t in (T0, T0 + 61):
+        p = Ether() / IP(src="10.30.0.8", dst="192.0.2.8") / UDP(sport=5000, dport=53)
+        p.time = t
+        w.write(p)
+    w.close()
+    assert report(env, capsys, str(cap))[1]["summary"]["flows"] == 2
+    assert report(env, capsys, "--idle-timeout", "udp=120", str(cap))[1]["summary"]["flows"] == 1
+    code, _, err = audit(env, "--idle-timeout", "udp=-1", str(cap), capsys=capsys)
+    assert code == 2 and "--idle-timeout 'udp=-1'" in err
+
+
+def test_daemon_keys_are_ignored_by_the_audit(env: dict[str, Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = env["tmp"] / "daemon.yaml"
+    cfg.write_text(POLICY + 'interfaces: [nonexistent0]\nmetrics: {listen: "127.0.0.1:9855"}\n')
+    code = main(["audit", "--policy", str(cfg), "--geoip-db", str(env["db"]), "--format", "json",
+                 str(env["pcap"])])
+    assert code == 1 and json.loads(capsys.readouterr().out)["summary"]["flows"] == 4

@@ -199,7 +199,12 @@ def test_scapy_written_capture(tmp_path: Path) -> None:
 
     pkts = []
     for i in range(5):
-        p = Ether() / IP(dst=f"192.0.2.{i}") / UDP(dport=53) / (b"q" * i)
+        p = (
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP(dst=f"192.0.2.{i}")
+            / UDP(dport=53)
+            / (b"q" * i)
+        )
         p.time = 1_700_000_000 + i
         pkts.append(p)
     path = tmp_path / "s.pcap"

@@ -307,7 +307,12 @@ def test_scapy_written_pcapng(tmp_path: Path) -> None:
     path = tmp_path / "s.pcapng"
     pkts = []
     for i in range(4):
-        p = Ether() / IP(dst=f"198.51.100.{i}") / UDP(dport=443) / (b"w" * i)
+        p = (
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP(dst=f"198.51.100.{i}")
+            / UDP(dport=443)
+            / (b"w" * i)
+        )
         p.time = 1_700_000_000 + i
         pkts.append(p)
     with PcapNgWriter(str(path)) as w:
