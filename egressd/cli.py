@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO
 
 from egressd import __version__
-from egressd.audit import Audit, AuditOptions, Progress, input_size
+from egressd.audit import Audit, AuditOptions, Progress, gc_paused, input_size
 from egressd.config import Config, ConfigError, load_config, load_policy
 from egressd.flows import FlowTimeouts
 from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
@@ -163,12 +163,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     resolver = _resolver(None, args.geoip_db, args.asn_db)
     audit = Audit(policy, resolver, AuditOptions(timeouts=timeouts))
     show_progress = not args.no_progress and sys.stderr.isatty()
-    for path in paths:
-        with _progress(path, show_progress) as progress:
-            summary = audit.add_capture(path, progress=progress)
-        if summary.truncated:
-            _warn(f"{path}: capture is damaged; read up to the damage: {summary.damage}")
-    result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "")
+    with gc_paused():
+        for path in paths:
+            with _progress(path, show_progress) as progress:
+                summary = audit.add_capture(path, progress=progress)
+            if summary.truncated:
+                _warn(f"{path}: capture is damaged; read up to the damage: {summary.damage}")
+        result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "")
     for w in result.warnings[len(policy.warnings):]:
         _warn(w)
     _write_report(result, args.format, args.output)

@@ -292,8 +292,24 @@ class FlowTable:
         flg = dec.tcp_flags[rows][order].astype(np.int64)
         pr_s = proto[order]
         is_tcp = pr_s == PROTO_TCP
-        # Events that need the per-packet state machine.
-        event = is_tcp & ((flg & (TCP_FIN | TCP_RST)) != 0)
+        pos = np.arange(n, dtype=np.int64)
+        syn = is_tcp & ((flg & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+        # TCP teardown, per flow of the batch: the flow closes at a RST or at the
+        # later of the first FIN of each side.  Packets after that stay in it
+        # while they are within the grace period and are not a new SYN; the
+        # first packet that is neither starts the per-packet state machine.
+        fin = is_tcp & ((flg & TCP_FIN) != 0)
+        fin0 = np.minimum.reduceat(np.where(fin & (dirs == 0), pos, _BIG), starts)
+        fin1 = np.minimum.reduceat(np.where(fin & (dirs == 1), pos, _BIG), starts)
+        rst = np.minimum.reduceat(np.where(is_tcp & ((flg & TCP_RST) != 0), pos, _BIG), starts)
+        cpos = np.minimum(rst, np.maximum(fin0, fin1))
+        closes = cpos < _BIG
+        cts = np.full(starts.size, _BIG, dtype=np.int64)
+        cts[closes] = ts[cpos[closes]]
+        g_cpos = cpos[gid]
+        after_close = pos > g_cpos
+        event = after_close & (syn | (ts - cts[gid] > self._grace))
+        # Idle gaps inside a flow of the batch end it too.
         idle = np.where(is_tcp, self.timeouts.idle_ns(PROTO_TCP),
                         np.where(pr_s == PROTO_UDP, self.timeouts.idle_ns(PROTO_UDP),
                                  self.timeouts.idle_ns(0)))
@@ -301,9 +317,10 @@ class FlowTable:
         gap[1:] = ts[1:] - ts[:-1]
         gap[starts] = 0
         event |= gap > idle
-        pos = np.arange(n, dtype=np.int64)
         first_ev = np.minimum.reduceat(np.where(event, pos, _BIG), starts)
         pend = np.minimum(first_ev, ends)  # prefix is [start, pend)
+        fin_bits = (fin0 < pend).astype(np.int64) | ((fin1 < pend).astype(np.int64) << 1)
+        closing_at = np.where(cpos < pend, cts, -1)
         out = dirs == 0
         c_pk0 = np.concatenate(([0], np.cumsum(out)))
         c_by0 = np.concatenate(([0], np.cumsum(np.where(out, ipb, 0))))
@@ -321,7 +338,6 @@ class FlowTable:
         bounds[1::2] = pend
         tmin = np.minimum.reduceat(tsx, bounds)[0::2]
         tmax = np.maximum.reduceat(tsx, bounds)[0::2]
-        syn = is_tcp & ((flg & (TCP_SYN | TCP_ACK)) == TCP_SYN)
         synack = is_tcp & ((flg & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK))
         syn_pos = np.minimum.reduceat(np.where(syn, pos, _BIG), starts)
         synack_pos = np.minimum.reduceat(np.where(synack, pos, _BIG), starts)
@@ -338,13 +354,15 @@ class FlowTable:
         self._walk_groups(keyb, starts.tolist(), ends.tolist(), pend.tolist(), pk0.tolist(),
                           by0.tolist(), pk1.tolist(), by1.tolist(), tmin.tolist(), tmax.tolist(),
                           init.tolist(), has_syn.tolist(), pr_s[starts].tolist(),
-                          ver_s[starts].tolist(), ts, dirs, ipb, flg, sp_s, dp_s)
+                          ver_s[starts].tolist(), fin_bits.tolist(), closing_at.tolist(), ts,
+                          dirs, ipb, flg, sp_s, dp_s)
 
     def _walk_groups(self, keyb: list[bytes], starts: list[int], ends: list[int],
                      pend: list[int], pk0: list[int], by0: list[int], pk1: list[int],
                      by1: list[int], tmin: list[int], tmax: list[int], init: list[int],
                      has_syn: list[bool], protos: list[int], versions: list[int],
-                     ts: npt.NDArray[np.int64], dirs: npt.NDArray[np.int64],
+                     fin_bits: list[int], closing_at: list[int], ts: npt.NDArray[np.int64],
+                     dirs: npt.NDArray[np.int64],
                      ipb: npt.NDArray[np.int64], flg: npt.NDArray[np.int64],
                      sp: npt.NDArray[np.int64], dp: npt.NDArray[np.int64]) -> None:
         lrus = self._lru
@@ -359,7 +377,7 @@ class FlowTable:
             start, end, pe = starts[g], ends[g], pend[g]
             flow = lru.get(key)
             if flow is not None and (
-                    flow.closing_at >= 0
+                    flow.closing_at >= 0 or flow.fin
                     or int(ts[start]) - flow.last_ns > idle.get(proto, idle_other)):
                 pe = start  # the first packet already needs the state machine
             if pe > start:
@@ -387,6 +405,11 @@ class FlowTable:
                         flow.syn_seen = True
                         flow.initiator = init[g]
                     lru.move_to_end(key)
+                if fin_bits[g] or closing_at[g] >= 0:
+                    flow.fin = fin_bits[g]
+                    if closing_at[g] >= 0:
+                        flow.closing_at = closing_at[g]
+                        self._closing.append((closing_at[g], flow))
             for i in range(pe, end):
                 flow = self._step(lru, key, flow, proto, versions[g], int(ts[i]), int(dirs[i]),
                                   int(ipb[i]), int(flg[i]), int(sp[i]), int(dp[i]))

@@ -210,7 +210,7 @@ def reference(packets: list[tuple[int, int, str, int]], to: FlowTimeouts) -> lis
 FLAGS = st.sampled_from(["S", "SA", "A", "PA", "FA", "R", "RA", "F"])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 1), FLAGS, st.integers(0, 50)),
                 min_size=1, max_size=40),
        st.integers(1, 12))

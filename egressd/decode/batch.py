@@ -30,7 +30,7 @@ from egressd.model import (
     RecordBatch,
 )
 
-_V4_MAPPED = 0xFFFF_0000_0000  # low word of ::ffff:0.0.0.0
+_V4_MAPPED = np.uint64(0xFFFF_0000_0000)  # low word of ::ffff:0.0.0.0
 _EXT = np.array(sorted(lt.IPV6_EXT_HEADERS), dtype=np.uint8)
 _VLAN = np.array(sorted(lt.VLAN_TPIDS), dtype=np.int64)
 _AF4 = np.array(sorted(lt.AF_INET_VALUES), dtype=np.int64)
@@ -235,25 +235,28 @@ def decode_batch(batch: RecordBatch) -> Decoded:
     if v4.any():
         i4 = np.flatnonzero(v4)
         p = l3[i4]
-        h = d.win(p, 20).astype(np.int64)
-        ihl = (h[:, 0] & 0x0F) * 4
-        total = (h[:, 2] << 8) | h[:, 3]
+        h = d.win(p, 20)
+        w16 = h.view(">u2")  # 16-bit header words, network order
+        ihl = (h[:, 0] & 0x0F).astype(np.int64) * 4
+        total = w16[:, 1].astype(np.int64)
         bad = (ihl < 20) | ((total != 0) & (total < ihl))
         if bad.any():
             err[i4[bad]] = E_BAD_V4
             keep = ~bad
             i4, p, ihl, total, h = i4[keep], p[keep], ihl[keep], total[keep], h[keep]
+            w16 = h.view(">u2")
         wire_total = np.maximum(batch.wirelens[i4] - (p - off[i4]), ihl)
         total = np.where(total == 0, wire_total, total)
-        fragword = (h[:, 6] << 8) | h[:, 7]
+        fragword = w16[:, 3]
         version[i4] = 4
         proto[i4] = h[:, 9]
-        src[i4, 1] = _V4_MAPPED | (h[:, 12] << 24) | (h[:, 13] << 16) | (h[:, 14] << 8) | h[:, 15]
-        dst[i4, 1] = _V4_MAPPED | (h[:, 16] << 24) | (h[:, 17] << 16) | (h[:, 18] << 8) | h[:, 19]
+        w32 = h.view(">u4")
+        src[i4, 1] = w32[:, 3].astype(np.uint64) | _V4_MAPPED
+        dst[i4, 1] = w32[:, 4].astype(np.uint64) | _V4_MAPPED
         ipb[i4] = total
         later = (fragword & 0x1FFF) != 0
         more = (fragword & 0x2000) != 0
-        ident = (h[:, 4] << 8) | h[:, 5]
+        ident = w16[:, 2]
         frag[i4[later]] = FRAG_LATER
         frag_id[i4[later]] = ident[later]
         firstf = ~later & more
@@ -305,11 +308,12 @@ def decode_batch(batch: RecordBatch) -> Decoded:
         trunc = avail < need
         err[iw[trunc]] = E_TRUNC_L4
         ok4 = ~trunc & (tcp | udpish | icmp)
-        t = d.win(p[ok4], 14).astype(np.int32)
+        t = d.win(p[ok4], 14)
+        t16 = t.view(">u2")
         tcp, udpish, icmp, io = tcp[ok4], udpish[ok4], icmp[ok4], iw[ok4]
         ported = tcp | udpish
-        sport[io[ported]] = (t[ported, 0] << 8) | t[ported, 1]
-        dport[io[ported]] = (t[ported, 2] << 8) | t[ported, 3]
+        sport[io[ported]] = t16[ported, 0]
+        dport[io[ported]] = t16[ported, 1]
         flags[io[tcp]] = t[tcp, 13]
         sport[io[icmp]] = t[icmp, 0]
         dport[io[icmp]] = t[icmp, 1]
