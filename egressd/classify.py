@@ -99,8 +99,13 @@ class Classifier:
         """True when the 16-byte address is in the policy's internal networks."""
         return self._addr(addr16, 6 if addr16[:12] != V4_MAPPED_PREFIX else 4).internal
 
-    def classify(self, flow: Flow) -> FlowRecord:
-        """The report row for ``flow`` as it stands now."""
+    def classify(self, flow: Flow, *, judged_at_ns: int | None = None) -> FlowRecord:
+        """The report row for ``flow`` as it stands now.
+
+        Route expiry is judged at the flow's first packet, or at
+        ``judged_at_ns`` when given (the live daemon judges long flows again
+        at each active timeout).
+        """
         if flow.initiator == 0:
             src, sport, dst, dport = flow.a, flow.a_port, flow.b, flow.b_port
             out_pk, out_by, in_pk, in_by = flow.pk0, flow.by0, flow.pk1, flow.by1
@@ -136,7 +141,8 @@ class Classifier:
             out_pk, out_by, in_pk, in_by = in_pk, in_by, out_pk, out_by
         zone = s.zone if s.internal else d.zone
         geo = self.resolver.lookup(remote.text)
-        verdict = self.verdict(proto, internal, remote.text, dst_port, flow.first_ns, geo, zone)
+        at = flow.first_ns if judged_at_ns is None else judged_at_ns
+        verdict = self.verdict(proto, internal, remote.text, dst_port, at, geo, zone)
         return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port, initiator, remote.text,
                           geo, zone, flow.first_ns, flow.last_ns, out_pk, out_by, in_pk, in_by,
                           verdict)

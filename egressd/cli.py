@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("captures", nargs="+", metavar="CAPTURE",
                    help="pcap/pcapng file (.gz too), a directory of them, or - for stdin")
 
+    r = sub.add_parser("run", help="run the live daemon (capture, alerts, metrics)",
+                       description="Capture on the configured interfaces, alert on unapproved "
+                                   "exports and serve Prometheus metrics until SIGTERM.")
+    r.add_argument("--config", required=True, metavar="FILE", help="daemon config YAML file")
+    r.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+
     c = sub.add_parser("check-config", help="validate a policy or daemon config file")
     c.add_argument("file", metavar="FILE")
 
@@ -98,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return cmd_audit(args)
+        if args.command == "run":
+            return cmd_run(args)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "lookup":
@@ -231,6 +240,18 @@ def _write_report(result: AuditResult, fmt: str, output: str | None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from egressd.daemon import Daemon
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    daemon = Daemon(args.config)
+    daemon.install_signal_handlers()
+    return daemon.run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

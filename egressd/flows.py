@@ -179,6 +179,25 @@ class FlowTable:
                 self._finish(flow)
         self._closing.clear()
 
+    def set_timeouts(self, timeouts: FlowTimeouts) -> None:
+        """Apply new timeouts (a config reload); open flows keep their counters."""
+        self.timeouts = timeouts
+        self._grace = int(timeouts.tcp_close_grace * NS)
+
+    def flows_active_since(self, since_ns: int) -> list[Flow]:
+        """The flows that saw a packet at or after ``since_ns`` (newest activity first).
+
+        Cheap: each per-protocol table is kept in order of last activity, so
+        only the recently active flows are visited.
+        """
+        out: list[Flow] = []
+        for lru in self._lru.values():
+            for flow in reversed(lru.values()):
+                if flow.last_ns < since_ns:
+                    break
+                out.append(flow)
+        return out
+
     def evict_oldest(self) -> Flow | None:
         """Finish and return the least recently active flow (for a bounded table)."""
         oldest: Flow | None = None

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from egressd.model import RecordBatch
 from egressd.sources.base import CaptureError, CaptureInfo
-from egressd.sources.pcapng import Interface, PcapngReader, ticks_to_ns
+from egressd.sources.pcapng import PcapngReader, ticks_to_ns
 
 NS = 1_000_000_000
 
@@ -164,14 +164,33 @@ def test_if_tsoffset(offset: int) -> None:
 
 def test_ticks_to_ns_clamps_and_stays_exact() -> None:
     huge = np.array([(1 << 64) - 1, 0], dtype=np.uint64)
-    out = ticks_to_ns(huge, Interface(1, 0, 1, 0))
-    assert out.tolist() == [(1 << 63) - 1, 0]
-    us = np.array([1_700_000_000_999_999], dtype=np.uint64)
-    assert ticks_to_ns(us, Interface(1, 0, 10**6, -5)).tolist() == [
-        1_700_000_000_999_999_000 - 5 * NS
+    assert ticks_to_ns(huge, 1).tolist() == [(1 << 63) - 1, 0]
+    us = np.array([1_700_000_000_999_999, 5], dtype=np.uint64)
+    offs = np.array([-5, 1 << 62], dtype=np.int64)  # the second overflows int64 ns
+    assert ticks_to_ns(us, 10**6, offs).tolist() == [
+        1_700_000_000_999_999_000 - 5 * NS,
+        (1 << 63) - 1,
     ]
     odd = np.array([10**9 + 1], dtype=np.uint64)  # 1/3 s units: python path is exact
-    assert ticks_to_ns(odd, Interface(1, 0, 3, 0)).tolist() == [(10**9 + 1) * NS // 3]
+    assert ticks_to_ns(odd, 3).tolist() == [(10**9 + 1) * NS // 3]
+    neg = np.array([0, 10], dtype=np.uint64)
+    assert ticks_to_ns(neg, 10**9, np.array([-(1 << 62)] * 2, dtype=np.int64)).tolist() == [
+        -(1 << 63),
+        -(1 << 63),
+    ]
+
+
+def test_many_interfaces_with_distinct_offsets() -> None:
+    parts = [shb()]
+    for i in range(300):
+        parts.append(idb(linktype=i % 3, tsresol=6 + i % 4, tsoffset=i))
+    for i in range(300):
+        parts.append(epb("<", i, 1000 + i, b"x"))
+    _, rows = read(b"".join(parts))
+    assert [r[0] for r in rows] == [
+        (1000 + i) * NS // 10 ** (6 + i % 4) + i * NS for i in range(300)
+    ]
+    assert [r[1] for r in rows] == [i % 3 for i in range(300)]
 
 
 def test_multiple_interfaces_interleave() -> None:

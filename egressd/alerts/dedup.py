@@ -31,6 +31,7 @@ first out.  A group pushed out early simply alerts again on its next flow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ def remote_network(address: str) -> str:
     IPv4-mapped IPv6 addresses count as IPv4.  Text that is not an address
     (never produced by the decoder) is returned unchanged.
     """
+    head, dot, last = address.rpartition(".")
+    if dot and last.isdigit() and ":" not in address and head.count(".") == 2:
+        return f"{head}.0/24"  # the decoder's addresses are canonical: no parsing needed
+    return _network(address)
+
+
+@functools.lru_cache(maxsize=65536)
+def _network(address: str) -> str:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -65,7 +66,8 @@ class LogThrottle:
     """Logs a warning per key at most once per ``interval`` seconds.
 
     A sink that is down fails on every alert; the log gets one line a minute
-    saying so, with the number of similar messages left out since.
+    saying so, with the number of similar messages left out since.  Keys are
+    few and fixed (one per sink and kind of failure).  Thread-safe.
     """
 
     def __init__(
@@ -79,16 +81,18 @@ class LogThrottle:
         self.clock = clock
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def warning(self, key: str, message: str, *args: object) -> bool:
         """Log ``message % args`` unless ``key`` was logged recently; True when logged."""
-        now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return False
-        self._last[key] = now
-        skipped = self._skipped.pop(key, 0)
+        with self._lock:
+            now = self.clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
         if skipped:
             message += " (%d similar messages suppressed)"
             args = (*args, skipped)

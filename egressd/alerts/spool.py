@@ -191,6 +191,18 @@ def decode_alert(line: bytes) -> Alert:
                  _get(obj, "flow_count", int))
 
 
+def backoff_delay(failures: int, options: SpoolOptions, rng: random.Random) -> float:
+    """Seconds to wait after ``failures`` failures in a row (1, 2, …).
+
+    Exponential (``backoff_initial × 2^(failures-1)``, at most ``backoff_max``)
+    with "equal jitter": a random point in the upper half, so that sensors that
+    lost the same Alertmanager do not all come back at the same instant.
+    """
+    exp = min(max(failures, 1) - 1, 60)
+    delay: float = min(options.backoff_max, options.backoff_initial * 2.0**exp)
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
 def _segment_name(seq: int) -> str:
     return f"{seq:016d}{SEGMENT_SUFFIX}"
 
@@ -256,6 +268,7 @@ class Spool:
         self._durable = 0
         self._ends: dict[int, int] = {}
         self._opened = False
+        self._open_tried = False
         self._closed = False
         self._stop_sender = False
         self._done = {"writer": False, "sender": False}
@@ -306,11 +319,29 @@ class Spool:
         self._throttle.warning(f"drop:{reason}", "%s: alert dropped: %s", self.sink.name, reason)
         return False
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until every alert is delivered; False when ``timeout`` seconds passed first."""
+    def wait_open(self, timeout: float) -> bool:
+        """Wait for the first attempt to open the directory; True when it is in use.
+
+        Until then, alerts left from an earlier run are not counted yet.
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._count > 0 and not self._done["sender"]:
+            while not self._open_tried:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self._opened
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every alert is delivered; False when ``timeout`` seconds passed first.
+
+        This includes alerts left from an earlier run (it first waits for the
+        directory to be opened and counted).
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (not self._open_tried or self._count > 0) and not self._done["sender"]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -340,6 +371,7 @@ class Spool:
     def _finished(self, role: str) -> None:
         with self._lock:
             self._done[role] = True
+            self._open_tried = True
             self._changed.notify_all()
         self._release_if_done()
 
@@ -356,6 +388,9 @@ class Spool:
     def _run_writer(self) -> None:
         try:
             self._open(wait=True)
+            with self._lock:
+                self._open_tried = True
+                self._changed.notify_all()
             while True:
                 with self._lock:
                     while not self._queue and not self._closed:
@@ -507,13 +542,13 @@ class Spool:
         fd = os.open(self._path(seq),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._next_seq = seq + 1
-        _fsync_dir(self.directory)
         self._fd, self._size = fd, 0
         with self._lock:
             self._segments.append(seq)
             self._active, self._durable = seq, 0
             if self._read_seq is None:
                 self._read_seq, self._read_off = seq, 0
+        _fsync_dir(self.directory)  # the new name must survive a crash too
 
     def _abandon_tail(self) -> None:
         """After a failed write: cut off a partial line, or give the segment up."""
@@ -545,7 +580,14 @@ class Spool:
                 while not self._opened and not self._stop_sender:
                     self._wake_sender.wait(self.options.idle_poll)
             while not self._stop_sender:
-                items = self._next_batch()
+                try:
+                    items = self._next_batch()
+                except OSError as exc:
+                    self._throttle.warning("read", "%s: cannot read the spool %s: %s",
+                                           self.sink.name, self.directory, exc)
+                    failures += 1
+                    self._backoff(failures)
+                    continue
                 if not items:
                     with self._lock:
                         if not self._stop_sender and not self._has_new_data():
@@ -574,10 +616,7 @@ class Spool:
         return True
 
     def _backoff(self, failures: int) -> None:
-        opts = self.options
-        delay = min(opts.backoff_max, opts.backoff_initial * 2 ** min(failures - 1, 60))
-        delay = delay / 2 + self._rng.uniform(0, delay / 2)
-        deadline = time.monotonic() + delay
+        deadline = time.monotonic() + backoff_delay(failures, self.options, self._rng)
         with self._lock:
             while not self._stop_sender:
                 left = deadline - time.monotonic()
@@ -586,14 +625,16 @@ class Spool:
                 self._wake_sender.wait(left)
 
     def _reader(self, seq: int) -> int | None:
-        if self._rfd_seq != seq:
+        """A descriptor to read segment ``seq``; None when the file is gone."""
+        if self._rfd_seq != seq or self._rfd is None:
             if self._rfd is not None:
                 os.close(self._rfd)
-            self._rfd, self._rfd_seq = None, seq
+            self._rfd = self._rfd_seq = None
             try:
-                self._rfd = os.open(self._path(seq), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._path(seq), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
+            self._rfd, self._rfd_seq = fd, seq
         return self._rfd
 
     def _next_batch(self) -> list[_Item]:

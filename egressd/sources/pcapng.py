@@ -88,6 +88,9 @@ _KIND: Final = {
 # Smallest valid total length per block type (header, fixed fields, trailer).
 _MIN_LEN: Final = {SHB: 28, IDB: 20, PB: 32, SPB: 16, EPB: 32}
 
+_SHORT_RUN: Final = 8
+"""Runs of at most this many EPBs are checked one by one rather than with numpy."""
+
 _OPT_IF_TSRESOL: Final = 9
 _OPT_IF_TSOFFSET: Final = 14
 
@@ -121,29 +124,39 @@ class _Damage(Exception):
     """Internal: a block is unreadable; the message says what and where."""
 
 
-def ticks_to_ns(ticks: U64, iface: Interface) -> I64:
-    """Convert raw EPB timestamps of one interface to int64 ns since the epoch.
+def ticks_to_ns(ticks: U64, ticks_per_second: int, offset_seconds: I64 | None = None) -> I64:
+    """Convert raw pcapng timestamps to int64 nanoseconds since the epoch.
 
-    Exact integer arithmetic, rounded down; numpy for the common resolutions,
-    Python integers for extreme ones or values that would overflow (clamped).
+    ``ns = ticks * 10**9 // ticks_per_second + offset_seconds * 10**9``, exact
+    and rounded down.  numpy does it for the usual resolutions (up to 2**33
+    ticks per second) when nothing can overflow; otherwise Python integers do,
+    and results beyond int64 are clamped.  ``offset_seconds`` is per record.
     """
-    units = iface.ticks_per_second
-    off = iface.offset_seconds * _NS
-    if ticks.shape[0] == 0:
+    count = ticks.shape[0]
+    if count == 0:
         return np.zeros(0, dtype=np.int64)
-    if units <= (1 << 33) and _INT64_MIN <= off <= _INT64_MAX:
+    units = ticks_per_second
+    lo_off = hi_off = 0
+    if offset_seconds is not None:
+        lo_off = int(offset_seconds.min()) * _NS
+        hi_off = int(offset_seconds.max()) * _NS
+    if units <= (1 << 33) and lo_off >= _INT64_MIN and hi_off <= _INT64_MAX:
         u = np.uint64(units)
         sec = ticks // u
         top = int(sec.max()) * _NS + _NS
-        if top <= _INT64_MAX and top + off <= _INT64_MAX:
+        if top + max(hi_off, 0) <= _INT64_MAX:
             # frac < units <= 2**33, so frac * 10**9 fits in uint64
             frac = ticks - sec * u
             ns = sec.astype(np.int64) * _NS + ((frac * np.uint64(_NS)) // u).astype(np.int64)
-            if off:
-                ns += off
+            if offset_seconds is not None and (lo_off or hi_off):
+                ns += offset_seconds * _NS
             return ns
-    values = [(int(t) * _NS) // units + off for t in ticks.tolist()]
-    return np.array([min(max(v, _INT64_MIN), _INT64_MAX) for v in values], dtype=np.int64)
+    offs = [0] * count if offset_seconds is None else offset_seconds.tolist()
+    values = [
+        min(max((t * _NS) // units + o * _NS, _INT64_MIN), _INT64_MAX)
+        for t, o in zip(ticks.tolist(), offs, strict=True)
+    ]
+    return np.array(values, dtype=np.int64)
 
 
 class PcapngReader(ChunkWalker):
@@ -191,6 +204,10 @@ class PcapngReader(ChunkWalker):
         self._section_base = 0  # index in self.interfaces of the section's interface 0
         self._last_ts = 0
         self._linktype_table = np.zeros(0, dtype=np.uint16)
+        self._unit_table = np.zeros(0, dtype=np.int64)
+        self._offset_table = np.zeros(0, dtype=np.int64)
+        self._resolutions: list[int] = []
+        self._any_offset = False
 
         head = read_head(self._input, 12)
         if head[:4] != PCAPNG_MAGIC:
@@ -283,7 +300,7 @@ class PcapngReader(ChunkWalker):
                 except struct_error:
                     if starts and p > n:
                         p = starts.pop()
-                if starts:
+                if len(starts) > _SHORT_RUN:
                     if scalar:
                         segments.append(_scalar_segment(scalar))
                         scalar = []
@@ -293,7 +310,9 @@ class PcapngReader(ChunkWalker):
                     if damage is not None:
                         pos = starts[bad]
                         break
-                pos = p
+                    pos = p
+                # else: numpy costs more than it saves on a few blocks, so the
+                # blocks from pos on are checked one by one below.
             if n - pos < 12:
                 break
             try:
@@ -340,20 +359,20 @@ class PcapngReader(ChunkWalker):
             where = f"enhanced packet block at offset {base + starts[k]}"
             if bad_len[k]:
                 damage = f"{where}: block length {int(length[k])} is not a multiple of 4"
+            elif bad_trail[k]:
+                damage = (
+                    f"{where}: trailing block length {int(trailer[k])} differs from "
+                    f"{int(length[k])}"
+                )
             elif bad_if[k]:
                 damage = (
                     f"{where}: interface id {int(ifid[k])} has no interface description "
                     f"block (the section has {nif})"
                 )
-            elif bad_cap[k]:
+            else:
                 damage = (
                     f"{where}: captured length {int(caplen[k])} exceeds the block "
                     f"length {int(length[k])}"
-                )
-            else:
-                damage = (
-                    f"{where}: trailing block length {int(trailer[k])} differs from "
-                    f"{int(length[k])}"
                 )
             if k == 0:
                 return None, 0, damage
@@ -408,7 +427,6 @@ class PcapngReader(ChunkWalker):
                     tsoffset = struct.unpack_from(order + "q", value, 0)[0]
             self.interfaces.append(Interface(linktype, snaplen, units, tsoffset))
             self.info.link_types.add(linktype)
-            self._linktype_table = np.array([i.linktype for i in self.interfaces], dtype=np.uint16)
             return None
         nif = len(self.interfaces) - self._section_base
         if btype in (EPB, PB):
@@ -442,6 +460,35 @@ class PcapngReader(ChunkWalker):
 
     # -- batches --------------------------------------------------------------
 
+    def _refresh_tables(self) -> None:
+        """Per-interface arrays (link type, resolution, offset) for numpy lookups."""
+        ifaces = self.interfaces
+        if self._linktype_table.shape[0] == len(ifaces):
+            return
+        resolutions: dict[int, int] = {}
+        unit_ids = [resolutions.setdefault(i.ticks_per_second, len(resolutions)) for i in ifaces]
+        self._resolutions = list(resolutions)
+        self._linktype_table = np.array([i.linktype for i in ifaces], dtype=np.uint16)
+        self._unit_table = np.array(unit_ids, dtype=np.int64)
+        self._offset_table = np.array([i.offset_seconds for i in ifaces], dtype=np.int64)
+        self._any_offset = bool(self._offset_table.any())
+
+    def _timestamps(self, gif: I64, ticks: U64) -> I64:
+        """Nanosecond timestamps for records of interfaces ``gif``, grouped by resolution
+        (a handful per file, whatever the number of interfaces)."""
+        uid = self._unit_table[gif]
+        offs = self._offset_table[gif] if self._any_offset else None
+        first = int(uid[0])
+        if int(uid.min()) == first == int(uid.max()):
+            return ticks_to_ns(ticks, self._resolutions[first], offs)
+        ts = np.empty(gif.shape[0], dtype=np.int64)
+        order = np.argsort(uid, kind="stable")
+        cuts = np.flatnonzero(np.diff(uid[order])) + 1
+        for group in np.split(order, cuts):
+            units = self._resolutions[int(uid[group[0]])]
+            ts[group] = ticks_to_ns(ticks[group], units, None if offs is None else offs[group])
+        return ts
+
     def _emit(
         self,
         buf: bytes,
@@ -457,14 +504,8 @@ class PcapngReader(ChunkWalker):
             ticks = np.concatenate([s[4] for s in segments])
             notime = np.concatenate([s[5] for s in segments])
         count = offsets.shape[0]
-        ts = np.empty(count, dtype=np.int64)
-        first = int(gif[0])
-        if int(gif.min()) == first == int(gif.max()):
-            ts[:] = ticks_to_ns(ticks, self.interfaces[first])
-        else:
-            for g in np.unique(gif).tolist():
-                mask = gif == g
-                ts[mask] = ticks_to_ns(ticks[mask], self.interfaces[g])
+        self._refresh_tables()
+        ts = self._timestamps(gif, ticks)
         if notime.any():
             # Simple Packet Blocks take the timestamp of the packet before them.
             idx = np.where(notime, 0, np.arange(1, count + 1, dtype=np.int64))

@@ -1,0 +1,428 @@
+"""``egressd run``: the live daemon on a gateway.
+
+The same stages as the audit — decode, flows, classify — fed by a live
+capture instead of a file, with the wall clock instead of packet timestamps
+for timers.  Around them:
+
+* a flow's verdict is decided when the flow appears, so an alert goes out at
+  once; bytes keep being counted into the metrics while the flow lasts, and
+  a long flow is judged again every ``active_timeout`` (a route may expire,
+  or a reload may change the policy, while a week-long upload runs);
+* SIGHUP reloads the config, policy and GeoIP databases all-or-nothing: a
+  bad new config is logged and the old one keeps running; a GeoIP file
+  replaced on disk (geoipupdate) is picked up without a signal;
+* SIGTERM (and SIGINT) stops the capture, accounts every open flow, writes
+  out the alert spool and exits 0;
+* systemd ``Type=notify``: READY once sockets, GeoIP and policy are loaded,
+  WATCHDOG pings from the capture loop, STATUS with counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from egressd.alerts import Alerter
+from egressd.classify import Classifier
+from egressd.config import Config, load_config
+from egressd.decode.batch import decode_batch
+from egressd.flows import Flow, FlowTable, FlowTimeouts
+from egressd.geo import CachedResolver, open_resolver
+from egressd.metrics import NO_LABEL, Metrics
+from egressd.model import FlowRecord, Initiator, VerdictKind
+from egressd.notify import Notifier
+from egressd.policy import Policy
+from egressd.sources.live import LiveSource
+
+log = logging.getLogger("egressd")
+
+TICK_SECONDS = 1.0
+"""How often timers run: flow expiry, byte accounting, kernel counters, STATUS."""
+GEOIP_CHECK_SECONDS = 30.0
+"""How often the GeoIP files are checked for a replacement on disk."""
+STOP_TIMEOUT_SECONDS = 20.0
+"""Time given to the alert sinks to deliver what is pending at shutdown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything a reload replaces at once."""
+
+    config: Config
+    policy: Policy
+    resolver: CachedResolver
+    classifier: Classifier
+
+
+class _Live:
+    """What the daemon keeps per flow after deciding it."""
+
+    __slots__ = ("country", "kind", "out_dir", "reported", "route", "zone")
+
+    def __init__(self, record: FlowRecord, out_dir: int) -> None:
+        self.kind = record.verdict.verdict.value
+        self.country = record.geo.country or NO_LABEL
+        self.route = record.verdict.route or NO_LABEL
+        self.zone = record.zone or NO_LABEL
+        self.out_dir = out_dir
+        self.reported = 0
+
+
+def _timeouts(config: Config) -> FlowTimeouts:
+    idle = config.flows.idle_timeout_seconds
+    return FlowTimeouts(tcp=idle.tcp, udp=idle.udp, other=idle.other,
+                        tcp_close_grace=config.flows.tcp_close_grace_seconds)
+
+
+def load_runtime(path: str, *, auto_prefixes: list[Any] | None = None,
+                 old: Runtime | None = None) -> Runtime:
+    """Load the config and everything built from it; raises on any error, changes nothing.
+
+    ``auto_prefixes`` are the gateway's own networks for ``internal_networks:
+    auto``.  ``old`` lets an unchanged GeoIP configuration keep its open
+    databases.
+    """
+    config = load_config(path)
+    policy = config.policy
+    if policy.internal_auto:
+        policy = policy.resolve_auto(auto_prefixes or [])
+    geo = config.geoip
+    if old is not None and old.config.geoip == geo:
+        resolver = old.resolver
+        resolver.clear()
+    else:
+        resolver = open_resolver(geo.country_db, geo.asn_db, cache_size=geo.cache_size)
+    return Runtime(config, policy, resolver, Classifier(policy, resolver))
+
+
+class Daemon:
+    """The live daemon; :meth:`run` blocks until stopped and returns the exit status."""
+
+    def __init__(self, config_path: str, *, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], int] = time.time_ns, notifier: Notifier | None = None,
+                 serve_metrics: bool = True) -> None:
+        self.config_path = config_path
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.clock = clock
+        self.notifier = notifier or Notifier()
+        self.serve_metrics = serve_metrics
+        self.stop_event = threading.Event()
+        self._restart = threading.Event()
+        self._reload_requested = False
+        self._auto_prefixes: list[Any] | None = None
+        self._auto_changed = False
+        self._interface: str | None = None
+        self.rt: Runtime | None = None
+        self.alerter: Alerter | None = None
+        self.table: FlowTable | None = None
+        self._active: deque[tuple[int, Flow]] = deque()
+        self._kernel_seen: dict[str, tuple[int, int]] = {}
+        self.packets = 0
+        self.alerts = 0
+
+    # -- control from signal handlers or other threads --------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_event.set()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload_requested = True
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Load, capture until stopped, shut down cleanly.  Config errors raise before start."""
+        rt = self._first_load()
+        self.rt = rt
+        config = rt.config
+        if self.serve_metrics:
+            start_http_server(config.metrics.port, addr=config.metrics.host,
+                              registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", config.metrics.host, config.metrics.port)
+        self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
+                               clock=self.clock)
+        self.table = FlowTable(_timeouts(config), on_new=self._on_new)
+        watcher = self._start_watcher(rt.policy)
+        source = self._open_source(config)
+        self._publish_static(rt)
+        self.metrics.reload_success.set(1)
+        self.metrics.reload_time.set(time.time())
+        self.notifier.ready(self._status())
+        log.info("capturing on %s", ", ".join(config.interfaces))
+        try:
+            while not self.stop_event.is_set():
+                self._capture(source)
+                if self._restart.is_set() and not self.stop_event.is_set():
+                    self._restart.clear()
+                    source.close()
+                    assert self.rt is not None
+                    source = self._open_source(self.rt.config)
+        finally:
+            self.notifier.stopping()
+            source.close()
+            if watcher is not None:
+                watcher.stop()
+            self._shutdown()
+        return 0
+
+    def _first_load(self) -> Runtime:
+        config = load_config(self.config_path)
+        if config.policy.internal_auto:
+            from egressd.netinfo import local_prefixes
+
+            self._auto_prefixes = list(local_prefixes())
+        return load_runtime(self.config_path, auto_prefixes=self._auto_prefixes)
+
+    def _start_watcher(self, policy: Policy) -> Any:
+        if not policy.internal_auto:
+            return None
+        from egressd.netinfo import NetlinkWatcher
+
+        def changed(prefixes: list[Any]) -> None:
+            self._auto_prefixes = list(prefixes)
+            self._auto_changed = True
+
+        watcher = NetlinkWatcher(changed)
+        watcher.start()
+        return watcher
+
+    def _open_source(self, config: Config) -> LiveSource:
+        return LiveSource(config.interfaces, bpf_filter=config.capture_filter,
+                          promiscuous=config.promiscuous)
+
+    def _capture(self, source: LiveSource) -> None:
+        """Run the capture loop until stop or restart is requested."""
+        table = self.table
+        assert table is not None
+        m = self.metrics
+        last_tick = 0.0
+        last_geo = time.monotonic()
+        stop_or_restart = _AnyEvent(self.stop_event, self._restart)
+        for iface, batch in source.batches(stop_or_restart):  # type: ignore[arg-type]
+            if len(batch):
+                self._interface = iface
+                dec = decode_batch(batch)
+                n = len(batch)
+                self.packets += n
+                m.packets.labels(iface).inc(n)
+                m.ip_bytes.labels(iface).inc(int(dec.ip_bytes.sum()))
+                for reason, count in dec.error_counts().items():
+                    m.decode_errors.labels(reason).inc(count)
+                before = dict(table.errors)
+                table.process(dec)
+                for reason, count in table.errors.items():
+                    if count != before.get(reason, 0):
+                        m.decode_errors.labels(reason).inc(count - before.get(reason, 0))
+                self._drain(table)
+            now = time.monotonic()
+            self.notifier.watchdog(now)
+            if now - last_tick >= TICK_SECONDS:
+                last_tick = now
+                self._tick(source)
+            if now - last_geo >= GEOIP_CHECK_SECONDS:
+                last_geo = now
+                self._check_geoip()
+            if self._reload_requested or self._auto_changed:
+                self._reload()
+
+    # -- per flow ----------------------------------------------------------------------
+
+    def _on_new(self, flow: Flow) -> None:
+        """Decide a new flow at once: metrics, and an alert when it is not approved."""
+        rt = self.rt
+        assert rt is not None
+        record = rt.classifier.classify(flow)
+        self._decided(flow, record)
+        self._active.append((flow.first_ns + rt.config.flows.active_timeout_ns, flow))
+
+    def _decided(self, flow: Flow, record: FlowRecord) -> None:
+        out_dir = self._out_dir(flow, record)
+        previous = flow.verdict if isinstance(flow.verdict, _Live) else None
+        live = _Live(record, out_dir)
+        if previous is not None:
+            live.reported = previous.reported
+            if previous.kind == live.kind and previous.route == live.route:
+                flow.verdict = live
+                return
+        flow.verdict = live
+        self.metrics.flows.labels(live.kind, live.country, live.route).inc()
+        kind = record.verdict.verdict
+        if kind is VerdictKind.VIOLATION:
+            reason = record.verdict.reason.value if record.verdict.reason else NO_LABEL
+            self.metrics.violations.labels(live.country, live.zone, reason).inc()
+        if kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN) and self.alerter is not None:
+            if self.alerter.observe(record, interface=self._interface,
+                                    now_ns=self.clock()) is not None:
+                self.alerts += 1
+
+    @staticmethod
+    def _out_dir(flow: Flow, record: FlowRecord) -> int:
+        """Direction (0: a → b) whose bytes are ``bytes_out`` for this flow."""
+        initiator_dir = flow.initiator  # 0: a started it, so a -> b is initiator -> responder
+        if record.initiator is Initiator.REMOTE:
+            return 1 - initiator_dir
+        return initiator_dir
+
+    def _account(self, flow: Flow) -> None:
+        live = flow.verdict
+        if not isinstance(live, _Live):
+            return
+        out = flow.by0 if live.out_dir == 0 else flow.by1
+        delta = out - live.reported
+        if delta > 0:
+            live.reported = out
+            self.metrics.bytes_out.labels(live.kind, live.country, live.route).inc(delta)
+
+    def _drain(self, table: FlowTable) -> None:
+        for flow in table.finished:
+            self._account(flow)
+        table.finished.clear()
+        limit = self.rt.config.flows.max_flows if self.rt else 0
+        while limit and len(table) > limit:
+            evicted = table.evict_oldest()
+            if evicted is None:
+                break
+            self.metrics.evictions.inc()
+            self._account(evicted)
+            table.finished.clear()
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _tick(self, source: LiveSource) -> None:
+        table = self.table
+        rt = self.rt
+        assert table is not None and rt is not None
+        now_ns = self.clock()
+        table.expire(now_ns)
+        self._drain(table)
+        for flow in table.flows_active_since(now_ns - int(2e9 * TICK_SECONDS)):
+            self._account(flow)
+        # Long flows: judge them again (a route may have expired meanwhile).
+        period = rt.config.flows.active_timeout_ns
+        while self._active and self._active[0][0] <= now_ns:
+            _, flow = self._active.popleft()
+            if table.get(flow.key) is not flow:
+                continue
+            self._account(flow)
+            self._decided(flow, rt.classifier.classify(flow, judged_at_ns=now_ns))
+            self._active.append((now_ns + period, flow))
+        self.metrics.active_flows.set(len(table))
+        for iface, (packets, drops) in source.stats().items():
+            seen = self._kernel_seen.get(iface, (0, 0))
+            if packets > seen[0]:
+                self.metrics.kernel_packets.labels(iface).inc(packets - seen[0])
+            if drops > seen[1]:
+                self.metrics.kernel_drops.labels(iface).inc(drops - seen[1])
+            self._kernel_seen[iface] = (packets, drops)
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        flows = len(self.table) if self.table is not None else 0
+        return f"{self.packets} packets, {flows} active flows, {self.alerts} alerts"
+
+    def _check_geoip(self) -> None:
+        rt = self.rt
+        assert rt is not None
+        try:
+            changed = rt.resolver.reload_if_changed()
+        except (OSError, ValueError) as e:
+            log.error("GeoIP database changed on disk but cannot be loaded, keeping the old "
+                      "one: %s", e)
+            return
+        if changed:
+            log.info("GeoIP database reloaded from disk")
+            self.rt = Runtime(rt.config, rt.policy, rt.resolver,
+                              Classifier(rt.policy, rt.resolver))
+            self._publish_static(self.rt)
+
+    def _reload(self) -> None:
+        """All-or-nothing reload; on any error the running configuration stays."""
+        self._reload_requested = False
+        self._auto_changed = False
+        old = self.rt
+        assert old is not None
+        self.notifier.reloading()
+        try:
+            new = load_runtime(self.config_path, auto_prefixes=self._auto_prefixes, old=old)
+        except Exception as e:  # any failure keeps the running config
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.metrics.reload_success.set(0)
+            self.notifier.ready(self._status())
+            return
+        self.rt = new
+        assert self.table is not None
+        self.table.set_timeouts(_timeouts(new.config))
+        oc, nc = old.config, new.config
+        if nc.alerts != oc.alerts or nc.sensor_name != oc.sensor_name:
+            if self.alerter is not None:
+                self.alerter.close(STOP_TIMEOUT_SECONDS)
+            self.alerter = Alerter(nc.alerts, sensor=nc.sensor_name, metrics=self.metrics,
+                                   clock=self.clock)
+        if (nc.interfaces, nc.capture_filter, nc.promiscuous) != (
+                oc.interfaces, oc.capture_filter, oc.promiscuous):
+            self._restart.set()
+        if nc.metrics != oc.metrics:
+            log.warning("metrics.listen changed: takes effect at the next restart")
+        self._publish_static(new)
+        self.metrics.reload_success.set(1)
+        self.metrics.reload_time.set(time.time())
+        log.info("configuration reloaded from %s", self.config_path)
+        self.notifier.ready(self._status())
+
+    def _publish_static(self, rt: Runtime) -> None:
+        m = self.metrics
+        m.route_expiry.clear()
+        for route in rt.policy.routes:
+            if route.expires_ns is not None:
+                m.route_expiry.labels(route.name, route.approval).set(route.expires_ns / 1e9)
+        m.geoip_build.clear()
+        for src in rt.resolver.sources():
+            if src.build_epoch is not None:
+                m.geoip_build.labels(src.path or src.source, src.database_type).set(
+                    src.build_epoch)
+
+    def _shutdown(self) -> None:
+        table = self.table
+        if table is not None:
+            table.flush()
+            self._drain(table)
+            self.metrics.active_flows.set(0)
+        if self.alerter is not None:
+            self.alerter.flush(STOP_TIMEOUT_SECONDS / 2)
+            self.alerter.close(STOP_TIMEOUT_SECONDS / 2)
+        self.notifier.close()
+        log.info("stopped")
+
+
+class _AnyEvent:
+    """Looks like a threading.Event that is set when either of two events is."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.a.wait(timeout) or self.b.is_set()
