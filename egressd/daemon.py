@@ -271,10 +271,11 @@ class Daemon:
         if kind is VerdictKind.VIOLATION:
             reason = record.verdict.reason.value if record.verdict.reason else NO_LABEL
             self.metrics.violations.labels(live.country, live.zone, reason).inc()
-        if kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN) and self.alerter is not None:
-            if self.alerter.observe(record, interface=self._interface,
-                                    now_ns=self.clock()) is not None:
-                self.alerts += 1
+        alerter = self.alerter
+        if (kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN) and alerter is not None
+                and alerter.observe(record, interface=self._interface,
+                                    now_ns=self.clock()) is not None):
+            self.alerts += 1
 
     @staticmethod
     def _out_dir(flow: Flow, record: FlowRecord) -> int:

@@ -54,7 +54,8 @@ class Notifier:
         self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def reloading(self) -> None:
-        self.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
