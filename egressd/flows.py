@@ -111,8 +111,9 @@ class Flow:
 class FlowTable:
     """Aggregates decoded packets into flows.
 
-    ``on_new`` is called with each new flow right after its first packets were
-    counted (the live daemon decides the verdict there).  Finished flows are
+    ``on_new`` is called with each new flow, in order of first packet, once
+    the batch that started it is counted — within one batch of its first
+    packet (the live daemon decides the verdict there).  Finished flows are
     appended to :attr:`finished`; the caller drains that list.
     """
 
@@ -130,6 +131,7 @@ class FlowTable:
         self._frags: OrderedDict[tuple[int, ...], tuple[int, int]] = OrderedDict()
         self._max_frags = max_fragments
         self._grace = int(self.timeouts.tcp_close_grace * NS)
+        self._new: list[Flow] = []
         self.now_ns = 0
 
     # ------------------------------------------------------------------ API
@@ -154,6 +156,13 @@ class FlowTable:
             if rows.size == 0:
                 return
         self._aggregate(dec, rows, sport, dport)
+        if self._new:
+            # Decide new flows in the order they started, not in hash order.
+            new, self._new = self._new, []
+            new.sort(key=lambda f: f.first_ns)
+            assert self.on_new is not None
+            for flow in new:
+                self.on_new(flow)
         self.expire(int(dec.ts_ns[rows].max()))
 
     def expire(self, now_ns: int) -> None:
@@ -386,7 +395,7 @@ class FlowTable:
                      sp: npt.NDArray[np.int64], dp: npt.NDArray[np.int64]) -> None:
         lrus = self._lru
         tcp_lru, udp_lru, other_lru = lrus[PROTO_TCP], lrus[PROTO_UDP], lrus[0]
-        on_new = self.on_new
+        new_flows = self._new if self.on_new is not None else None
         idle = {PROTO_TCP: self.timeouts.idle_ns(PROTO_TCP),
                 PROTO_UDP: self.timeouts.idle_ns(PROTO_UDP)}
         idle_other = self.timeouts.idle_ns(0)
@@ -409,8 +418,8 @@ class FlowTable:
                     flow.pk0, flow.by0, flow.pk1, flow.by1 = pk0[g], by0[g], pk1[g], by1[g]
                     flow.last_ns = tmax[g]
                     lru[key] = flow
-                    if on_new is not None:
-                        on_new(flow)
+                    if new_flows is not None:
+                        new_flows.append(flow)
                 else:
                     flow.pk0 += pk0[g]
                     flow.by0 += by0[g]
@@ -478,7 +487,7 @@ class FlowTable:
                     flow.closing_at = ts
                     self._closing.append((ts, flow))
         if new and self.on_new is not None:
-            self.on_new(flow)
+            self._new.append(flow)
         return flow
 
 

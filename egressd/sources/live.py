@@ -21,11 +21,13 @@ How it captures, and why:
   gateway interface needs.  On loopback the kernel shows every frame twice (as
   sent and as received); the filter drops the sent copy there.
 * **Kernel timestamps and real lengths.**  The time stamp of a record is the
-  kernel's receive time (``SO_TIMESTAMPNS``); ``clock`` is only the fallback
-  should a frame arrive without one.  The wire length comes from the kernel's
-  packet metadata (``PACKET_AUXDATA``), so it is right even when ``snaplen``
-  cut the frame.  On NICs that strip VLAN tags in hardware the frame arrives
-  untagged, like in libpcap captures without tag re-insertion.
+  kernel's receive time (``SO_TIMESTAMPNS``, delivered with the frame by the
+  same ``recvmsg``), so frames that waited in the socket buffer keep their
+  own time; ``clock`` is only the fallback should a frame arrive without one.
+  Frames longer than ``snaplen`` are cut in user space and ``MSG_TRUNC``
+  gives their real length, which becomes the wire length.  On NICs that
+  strip VLAN tags in hardware the frame arrives untagged, like in libpcap
+  captures without tag re-insertion.
 * **Link types.**  Ethernet and loopback interfaces (Linux gives loopback
   frames a zeroed Ethernet header) are captured as ``LINKTYPE_ETHERNET``;
   every other interface (tun/WireGuard, ip tunnels, PPP) is captured at the
@@ -80,7 +82,6 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_STATISTICS = 6
-PACKET_AUXDATA = 8
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
@@ -101,10 +102,11 @@ _BPF_ALU_AND_K = 0x54
 _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
 
-_AUX = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata
-_TIMESPEC = struct.Struct("=qq")  # struct timespec (64-bit time_t)
+_TIMESPEC = struct.Struct("@ll")  # struct timespec: two C longs
+_TS_DTYPE = np.dtype(f"=i{struct.calcsize('@l')}")
+_NO_TS = bytes(_TIMESPEC.size)
 _STATS = struct.Struct("=II")  # struct tpacket_stats
-_ANC_SIZE = socket.CMSG_SPACE(_AUX.size) + socket.CMSG_SPACE(_TIMESPEC.size)
+_ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 
 _DOWN_ERRNOS = frozenset({errno.ENETDOWN, errno.ENODEV, errno.ENXIO, errno.EBADFD})
 _DRAIN_PER_ROUND = 512
@@ -166,12 +168,13 @@ def _libpcap_program(expr: str, linktype: int) -> list[Insn]:
     return [struct.unpack_from("=HBBI", raw, 8 * i) for i in range(n)]
 
 
-def compile_program(expr: str | None, linktype: int, snaplen: int, *,
+def compile_program(expr: str | None, linktype: int, *,
                     drop_outgoing: bool = False) -> list[Insn]:
     """The classic BPF program a capture socket gets for ``expr`` on ``linktype``.
 
-    Accepting returns always keep ``snaplen`` bytes (libpcap compiles for its
-    own snap length).  With ``drop_outgoing`` the program first rejects frames
+    Accepting returns keep the whole frame (libpcap compiles for its own snap
+    length; a frame cut by the filter would hide its real length from
+    ``MSG_TRUNC``).  With ``drop_outgoing`` the program first rejects frames
     the host sends (loopback shows each frame as sent and as received).
     Raises :class:`FilterError` for an expression libpcap refuses.
     """
@@ -179,7 +182,7 @@ def compile_program(expr: str | None, linktype: int, snaplen: int, *,
     if prog is None:
         assert expr is not None
         prog = _libpcap_program(expr, linktype)
-    prog = [(code, jt, jf, snaplen if code == _BPF_RET_K and k else k)
+    prog = [(code, jt, jf, 0xFFFF_FFFF if code == _BPF_RET_K and k else k)
             for code, jt, jf, k in prog]
     if drop_outgoing:
         prog = [(_BPF_LD_W_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFF_FFFF),
@@ -202,10 +205,14 @@ def _ifreq_int(sock: socket.socket, request: int, name: str) -> int:
 
 
 class _Capture:
-    """The open socket of one interface and the batch it is filling."""
+    """The open socket of one interface and the batch it is filling.
 
-    __slots__ = ("buf", "caplens", "linktype", "offsets", "sock", "ts", "used", "view",
-                 "wirelens")
+    Per record only the wire length and the raw ``struct timespec`` are kept;
+    offsets, captured lengths and nanosecond times are worked out for the
+    whole batch in :meth:`take`.
+    """
+
+    __slots__ = ("buf", "linktype", "sock", "ts", "used", "view", "wirelens")
 
     def __init__(self, sock: socket.socket, linktype: int, capacity: int) -> None:
         self.sock = sock
@@ -213,23 +220,27 @@ class _Capture:
         self.buf = bytearray(capacity)
         self.view = memoryview(self.buf)
         self.used = 0
-        self.offsets: list[int] = []
-        self.caplens: list[int] = []
         self.wirelens: list[int] = []
-        self.ts: list[int] = []
+        self.ts = bytearray()
 
-    def take(self) -> RecordBatch:
-        n = len(self.offsets)
+    def take(self, snaplen: int, clock: Callable[[], int]) -> RecordBatch:
+        wirelens = np.array(self.wirelens, dtype=np.int64)
+        caplens = np.minimum(wirelens, snaplen)
+        offsets = np.zeros(len(wirelens), dtype=np.int64)
+        np.cumsum(caplens[:-1], out=offsets[1:])
+        spec = np.frombuffer(self.ts, dtype=_TS_DTYPE).reshape(-1, 2).astype(np.int64)
+        ts = spec[:, 0] * 1_000_000_000 + spec[:, 1]
+        missing = ts == 0
+        if missing.any():
+            ts[missing] = clock()
         batch = RecordBatch(
             np.frombuffer(bytes(self.view[: self.used]), dtype=np.uint8),
-            np.array(self.offsets, dtype=np.int64),
-            np.array(self.caplens, dtype=np.int64),
-            np.array(self.wirelens, dtype=np.int64),
-            np.array(self.ts, dtype=np.int64),
-            np.full(n, self.linktype, dtype=np.uint16),
+            offsets, caplens, wirelens, ts,
+            np.full(len(wirelens), self.linktype, dtype=np.uint16),
         )
         self.used = 0
-        self.offsets, self.caplens, self.wirelens, self.ts = [], [], [], []
+        self.wirelens = []
+        self.ts = bytearray()
         return batch
 
 
@@ -342,8 +353,8 @@ class LiveSource:
             if now >= next_tick:
                 for iface in self._ifaces.values():
                     cap = iface.cap
-                    if cap is not None and cap.offsets:
-                        iface.pending.append(cap.take())
+                    if cap is not None and cap.wirelens:
+                        iface.pending.append(cap.take(self.snaplen, self.clock))
                     while iface.pending:
                         yielded = True
                         yield iface.name, iface.pending.pop(0)
@@ -384,8 +395,7 @@ class LiveSource:
         key = (linktype, drop_outgoing)
         prog = self._programs.get(key)
         if prog is None:
-            prog = compile_program(self.bpf_filter, linktype, self.snaplen,
-                                   drop_outgoing=drop_outgoing)
+            prog = compile_program(self.bpf_filter, linktype, drop_outgoing=drop_outgoing)
             self._programs[key] = prog
         return prog
 
@@ -438,7 +448,6 @@ class LiveSource:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.buffer_bytes)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer_bytes)
-            sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind((name, ETH_P_ALL))
             sock.setblocking(False)
@@ -465,8 +474,8 @@ class LiveSource:
         """The interface's socket reported an error: close it and retry later."""
         cap = iface.cap
         assert cap is not None
-        if cap.offsets:
-            iface.pending.append(cap.take())
+        if cap.wirelens:
+            iface.pending.append(cap.take(self.snaplen, self.clock))
         with self._lock:
             self._read_stats(iface)
             cap.sock.close()
@@ -498,32 +507,32 @@ class LiveSource:
         cap = iface.cap
         assert cap is not None
         recv = cap.sock.recvmsg_into
-        snaplen, limit = self.snaplen, self.batch_packets
-        view = cap.view
-        for _ in range(_DRAIN_PER_ROUND):
-            if len(cap.offsets) >= limit or len(cap.buf) - cap.used < snaplen:
-                iface.pending.append(cap.take())
-            used = cap.used
-            try:
-                n, anc, _flags, _addr = recv([view[used:used + snaplen]], _ANC_SIZE)
-            except BlockingIOError:
-                return
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                self._fail(iface, exc)
-                return
-            wirelen, ts = n, 0
-            for level, kind, data in anc:
-                if level == SOL_PACKET and kind == PACKET_AUXDATA:
-                    wirelen = _AUX.unpack_from(data)[1]
-                elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack_from(data)
-                    ts = sec * 1_000_000_000 + nsec
-            cap.offsets.append(used)
-            cap.caplens.append(n)
-            cap.wirelens.append(wirelen)
-            cap.ts.append(ts or self.clock())
-            cap.used = used + n
-        if len(cap.offsets) >= limit:
-            iface.pending.append(cap.take())
+        snaplen, limit, view = self.snaplen, self.batch_packets, cap.view
+        room = len(cap.buf) - snaplen
+        wirelens, ts, used = cap.wirelens, cap.ts, cap.used
+        try:
+            for _ in range(_DRAIN_PER_ROUND):
+                if len(wirelens) >= limit or used > room:
+                    cap.used = used
+                    iface.pending.append(cap.take(snaplen, self.clock))
+                    wirelens, ts, used = cap.wirelens, cap.ts, 0
+                try:
+                    n, anc, _flags, _addr = recv([view[used:used + snaplen]], _ANC_SIZE,
+                                                 socket.MSG_TRUNC)
+                except BlockingIOError:
+                    return
+                except InterruptedError:
+                    continue
+                wirelens.append(n)
+                # SO_TIMESTAMPNS is the only control message asked for.
+                ts += anc[0][2] if anc else _NO_TS
+                used += n if n < snaplen else snaplen
+        except OSError as exc:
+            cap.used = used
+            self._fail(iface, exc)
+            return
+        finally:
+            if iface.cap is cap:
+                cap.used = used
+        if len(wirelens) >= limit:
+            iface.pending.append(cap.take(snaplen, self.clock))
