@@ -191,7 +191,9 @@ def _exit_status(result: AuditResult, fail_on: str) -> int:
     levels = {VerdictKind.VIOLATION}
     if fail_on == "unknown":
         levels.add(VerdictKind.UNKNOWN)
-    found = any(f.verdict.verdict in levels for f in result.flows)
+    # Only exports are findings: a flow that sent nothing out (an unanswered
+    # inbound probe) keeps its verdict in the report but fails no audit.
+    found = any(f.verdict.verdict in levels and f.bytes_out > 0 for f in result.flows)
     return EXIT_FINDINGS if found else EXIT_OK
 
 

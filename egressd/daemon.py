@@ -66,7 +66,7 @@ class Runtime:
 class _Live:
     """What the daemon keeps per flow after deciding it."""
 
-    __slots__ = ("country", "kind", "out_dir", "reported", "route", "zone")
+    __slots__ = ("alert_pending", "country", "kind", "out_dir", "reported", "route", "zone")
 
     def __init__(self, record: FlowRecord, out_dir: int) -> None:
         self.kind = record.verdict.verdict.value
@@ -75,6 +75,7 @@ class _Live:
         self.zone = record.zone or NO_LABEL
         self.out_dir = out_dir
         self.reported = 0
+        self.alert_pending = False
 
 
 def _timeouts(config: Config) -> FlowTimeouts:
@@ -271,10 +272,17 @@ class Daemon:
         if kind is VerdictKind.VIOLATION:
             reason = record.verdict.reason.value if record.verdict.reason else NO_LABEL
             self.metrics.violations.labels(live.country, live.zone, reason).inc()
-        alerter = self.alerter
-        if (kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN) and alerter is not None
-                and alerter.observe(record, interface=self._interface,
-                                    now_ns=self.clock()) is not None):
+        if kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN):
+            if record.bytes_out > 0:
+                self._alert(record)
+            else:
+                # Nothing has left yet (an inbound connection attempt, a probe):
+                # alert once the internal end sends something back, if ever.
+                live.alert_pending = True
+
+    def _alert(self, record: FlowRecord) -> None:
+        if self.alerter is not None and self.alerter.observe(
+                record, interface=self._interface, now_ns=self.clock()) is not None:
             self.alerts += 1
 
     @staticmethod
@@ -294,6 +302,9 @@ class Daemon:
         if delta > 0:
             live.reported = out
             self.metrics.bytes_out.labels(live.kind, live.country, live.route).inc(delta)
+            if live.alert_pending and self.rt is not None:
+                live.alert_pending = False
+                self._alert(self.rt.classifier.classify(flow))
 
     def _drain(self, table: FlowTable) -> None:
         for flow in table.finished:

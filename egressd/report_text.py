@@ -89,8 +89,8 @@ def write_text(result: AuditResult, out: IO[str], *, color: bool = False,
     if len(by_country) > MAX_ROWS:
         con.print(f"  … {len(by_country) - MAX_ROWS} more countries")
 
-    findings = [f for f in result.flows
-                if f.verdict.verdict in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN)]
+    findings = [f for f in result.flows if f.bytes_out > 0
+                and f.verdict.verdict in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN)]
     findings.sort(key=lambda f: (-f.bytes_out, f.first_seen_ns, f.community_id))
     table = Table(title=f"Violations and unknown-country exports ({len(findings)})",
                   title_justify="left")

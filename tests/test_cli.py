@@ -287,3 +287,17 @@ def test_daemon_keys_are_ignored_by_the_audit(env: dict[str, Path],
     code = main(["audit", "--policy", str(cfg), "--geoip-db", str(env["db"]), "--format", "json",
                  str(env["pcap"])])
     assert code == 1 and json.loads(capsys.readouterr().out)["summary"]["flows"] == 4
+
+
+def test_unanswered_inbound_probe_is_no_finding(env: dict[str, Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cap = env["tmp"] / "probe.pcap"
+    w = PcapWriter(str(cap), linktype=1, sync=True)
+    p = Ether() / IP(src="198.51.100.7", dst="10.20.0.5") / TCP(sport=5555, dport=22, flags="S")
+    p.time = T0
+    w.write(p)
+    w.close()
+    code, rep = report(env, capsys, str(cap))
+    [flow] = rep["flows"]
+    assert (flow["verdict"], flow["initiator"], flow["bytes_out"]) == ("violation", "remote", 0)
+    assert code == 0

@@ -354,3 +354,49 @@ def test_daemon_captures_alerts_serves_metrics_reloads_and_stops(
     assert code == 0, d.output()
     d.notify.wait("STOPPING=1", timeout=2)
     assert "stopped" in d.output()
+
+
+def test_auto_internal_networks_follow_netlink_changes(lab: Lab, geodb: Path,
+                                                       tmp_path: Path) -> None:
+    ns_a, ns_b = lab.a.ns, lab.b.ns
+    ip("addr", "add", "10.77.0.5/24", "dev", lab.a.ifname, ns=ns_a)
+    mport = free_port()
+    config = tmp_path / "egressd.yaml"
+    write_config(config, tmp_path, geodb, mport, free_port(), internal="[auto]")
+
+    def udp_from(src: str) -> None:
+        def go() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((src, 0))
+                s.sendto(b"x" * 64, ("203.0.113.9", 9999))
+
+        call_in(ns_a, go)
+
+    def flows(verdict: str) -> float:
+        return value(scrape(ns_b, mport), "egressd_flows_total", verdict=verdict, country="US",
+                     route="")
+
+    sink = call_in(ns_b, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("203.0.113.9", 9999))  # takes the datagrams, so no ICMP error comes back
+    d = Daemon(lab, tmp_path, config)
+    try:
+        d.notify.wait("READY=1")
+        # The gateway's own prefix (10.20.0.0/24) is internal at start.
+        udp_from("10.20.0.5")
+        wait_for(lambda: flows("violation") == 1, timeout=10, what="own prefix internal")
+        # 10.77.0.0/24 is not (yet) one of the gateway's networks: transit.
+        udp_from("10.77.0.5")
+        wait_for(lambda: flows("transit") == 1, timeout=10, what="unknown prefix is transit")
+        # A route to it through an internal router makes it internal, no restart.
+        ip("route", "add", "10.77.0.0/24", "via", "10.20.0.5", ns=ns_b)
+        deadline = time.monotonic() + 10
+        while flows("violation") < 2 and time.monotonic() < deadline:
+            udp_from("10.77.0.5")  # a new source port each time: a new flow
+            time.sleep(0.3)
+        assert flows("violation") >= 2
+        assert any(a["src_ip"] == "10.77.0.5" for a in alerts(tmp_path))
+    finally:
+        code = d.stop()
+        d.log.close()
+        sink.close()
+    assert code == 0, d.output()

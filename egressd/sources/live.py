@@ -16,6 +16,8 @@ How it captures, and why:
   drops.  The default ``ip or ip6`` (and no filter at all) are built in;
   any other expression is compiled by libpcap through scapy, which needs the
   libpcap shared library (``libpcap0.8`` on Debian/Ubuntu) but not tcpdump.
+  Like in tcpdump, ``ip or ip6`` does not match frames that still carry an
+  802.1Q tag (a trunk without tag offload): capture on the VLAN interfaces.
 * **Both directions, each frame once.**  A packet socket sees what the
   interface receives and what it sends (``PACKET_OUTGOING``), which is what a
   gateway interface needs.  On loopback the kernel shows every frame twice (as
@@ -198,10 +200,11 @@ def _attach(sock: socket.socket, prog: list[Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def _ifreq_int(sock: socket.socket, request: int, name: str) -> int:
-    req = struct.pack("16si12x", name.encode(), 0)
+def _ifreq(sock: socket.socket, request: int, name: str, fmt: str) -> int:
+    """One integer field of ``struct ifreq`` (``h``: ifr_flags, ``i``: ifr_ifindex)."""
+    req = struct.pack("16s24x", name.encode())
     res = fcntl.ioctl(sock.fileno(), request, req)
-    return int(struct.unpack_from("16si", res)[1])
+    return int(struct.unpack_from("16s" + fmt, res)[1])
 
 
 class _Capture:
@@ -272,7 +275,8 @@ class LiveSource:
     receive buffer asked for per interface (it absorbs bursts while the
     pipeline is busy; the kernel drops what does not fit and counts it in
     :meth:`stats`).  ``reopen_interval`` is how often a failed interface is
-    tried again.
+    tried again.  ``clock`` (nanoseconds since the epoch) stamps a frame only
+    if the kernel gave it no time stamp.
 
     Raises :class:`FilterError` for a filter that does not compile and
     ``PermissionError`` without ``CAP_NET_RAW``.
@@ -340,7 +344,8 @@ class LiveSource:
         latest ``batch_timeout`` after the previous hand-over.  When no packet
         arrived in a whole ``batch_timeout``, an empty batch (of the first
         interface) is yielded instead, so the caller's loop runs its timers
-        and watchdog even on an idle link.
+        and watchdog even on an idle link.  Once ``stop`` is set, the records
+        already read are yielded before the iterator ends.
         """
         poller = select.poll()
         registered: dict[int, _Iface] = {}
@@ -372,6 +377,11 @@ class LiveSource:
                 while ready.pending:
                     yielded = True
                     yield ready.name, ready.pending.pop(0)
+        for iface in self._ifaces.values():
+            if iface.cap is not None and iface.cap.wirelens:
+                iface.pending.append(iface.cap.take(self.snaplen, self.clock))
+            while iface.pending:
+                yield iface.name, iface.pending.pop(0)
 
     def close(self) -> None:
         """Close every socket (after :meth:`batches` has returned); idempotent."""
@@ -406,6 +416,15 @@ class LiveSource:
             cap = self._open_socket(iface.name)
         except PermissionError:
             raise
+        except FilterError as exc:
+            # The filter compiled for Ethernet but not for this raw-IP
+            # interface (e.g. it names MAC addresses).
+            iface.retry_at = now + self.reopen_interval
+            with self._lock:
+                iface.state = "down"
+            if old != "down":
+                log.error("cannot capture on %s: %s", iface.name, exc)
+            return
         except OSError as exc:
             iface.retry_at = now + self.reopen_interval
             new = "missing" if exc.errno in (errno.ENODEV, errno.ENXIO) else "down"
@@ -427,7 +446,7 @@ class LiveSource:
             # Protocol 0: bound to the interface but receiving nothing yet, so
             # no frame slips in before the filter is attached.
             sock.bind((name, 0))
-            if not _ifreq_int(sock, SIOCGIFFLAGS, name) & IFF_UP:
+            if not _ifreq(sock, SIOCGIFFLAGS, name, "h") & IFF_UP:
                 raise OSError(errno.ENETDOWN, "interface is down")
             hatype = sock.getsockname()[3]
             if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
@@ -441,7 +460,7 @@ class LiveSource:
                 linktype = LINKTYPE_RAW
             _attach(sock, self._program(linktype, hatype == ARPHRD_LOOPBACK))
             if self.promiscuous:
-                ifindex = _ifreq_int(sock, SIOCGIFINDEX, name)
+                ifindex = _ifreq(sock, SIOCGIFINDEX, name, "i")
                 mreq = struct.pack("=iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
                 sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
             try:
