@@ -164,7 +164,7 @@ class Daemon:
         self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
                                clock=self.clock)
         self.table = FlowTable(_timeouts(config), on_new=self._on_new)
-        watcher = self._start_watcher(rt.policy)
+        watcher = self._start_watcher(config.policy)
         source = self._open_source(config)
         self._publish_static(rt)
         self.metrics.reload_success.set(1)

@@ -46,7 +46,9 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(message.encode(), self._addr)
+            # Never block the capture loop: systemd reads its socket promptly,
+            # and a status line lost under pressure is replaced by the next.
+            self._sock.sendto(message.encode(), socket.MSG_DONTWAIT, self._addr)
         except OSError as e:
             log.warning("cannot notify systemd: %s", e)
 
