@@ -47,8 +47,8 @@ log = logging.getLogger("egressd")
 
 TICK_SECONDS = 1.0
 """How often timers run: flow expiry, byte accounting, kernel counters, STATUS."""
-GEOIP_CHECK_SECONDS = 30.0
-"""How often the GeoIP files are checked for a replacement on disk."""
+GEOIP_CHECK_SECONDS = 2.0
+"""How often the GeoIP files are checked for a replacement on disk (a stat() each)."""
 STOP_TIMEOUT_SECONDS = 20.0
 """Time given to the alert sinks to deliver what is pending at shutdown."""
 
@@ -424,7 +424,7 @@ class Daemon:
             self.alerter.flush(STOP_TIMEOUT_SECONDS / 2)
             self.alerter.close(STOP_TIMEOUT_SECONDS / 2)
         self.notifier.close()
-        log.info("stopped")
+        log.info("stopped after %d packets, %d alerts", self.packets, self.alerts)
 
 
 class _AnyEvent:

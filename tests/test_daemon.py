@@ -400,3 +400,56 @@ def test_auto_internal_networks_follow_netlink_changes(lab: Lab, geodb: Path,
         d.log.close()
         sink.close()
     assert code == 0, d.output()
+
+
+def test_flow_flood_stays_bounded_and_geoip_file_swap_is_picked_up(
+        lab: Lab, geodb: Path, tmp_path: Path) -> None:
+    ns_a, ns_b = lab.a.ns, lab.b.ns
+    mport = free_port()
+    config = tmp_path / "egressd.yaml"
+    write_config(config, tmp_path, geodb, mport, free_port())
+    config.write_text(config.read_text().replace("max_flows: 1000", "max_flows: 50"))
+    sink = call_in(ns_b, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("203.0.113.9", 9999))
+
+    ports = iter(range(20000, 30000))
+
+    def flood(n: int) -> None:
+        def go() -> None:
+            for _ in range(n):  # a new source port, so a new flow, each time
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind(("10.20.0.5", next(ports)))
+                    s.sendto(b"f", ("203.0.113.9", 9999))
+
+        call_in(ns_a, go)
+
+    d = Daemon(lab, tmp_path, config)
+    try:
+        d.notify.wait("READY=1")
+        flood(500)
+        m = wait_for(lambda: (lambda m: m if value(m, "egressd_flows_total", verdict="violation",
+                                                     country="US", route="") >= 500 else None)(
+            scrape(ns_b, mport)), timeout=15, what="500 flows decided")
+        assert value(m, "egressd_flow_table_evictions_total") >= 440
+        wait_for(lambda: value(scrape(ns_b, mport), "egressd_active_flows") <= 50, timeout=5,
+                 what="active flows within max_flows")
+        # geoipupdate-style swap: a new file renamed into place; no signal.
+        new = build_mmdb(tmp_path / "new.mmdb", "GeoLite2-Country", {
+            "203.0.113.0/24": {"country": {"iso_code": "CN"},
+                               "registered_country": {"iso_code": "CN"}}})
+        os.replace(new, geodb)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            flood(1)
+            if value(scrape(ns_b, mport), "egressd_flows_total", verdict="domestic",
+                     country="CN", route="") >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the replaced GeoIP database was not used")
+    finally:
+        code = d.stop()
+        d.log.close()
+        sink.close()
+    assert code == 0, d.output()
+    assert "stopped after" in d.output()
