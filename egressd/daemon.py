@@ -416,7 +416,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         table = self.table
+        flushed = 0
         if table is not None:
+            flushed = len(table)
             table.flush()
             self._drain(table)
             self.metrics.active_flows.set(0)
@@ -424,7 +426,8 @@ class Daemon:
             self.alerter.flush(STOP_TIMEOUT_SECONDS / 2)
             self.alerter.close(STOP_TIMEOUT_SECONDS / 2)
         self.notifier.close()
-        log.info("stopped after %d packets, %d alerts", self.packets, self.alerts)
+        log.info("stopped after %d packets, %d alerts; %d open flows accounted", self.packets,
+                 self.alerts, flushed)
 
 
 class _AnyEvent:
