@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -140,6 +141,15 @@ def _u32(d: _Bytes, pos: Arr) -> Arr:
     return (_u16(d, pos) << 16) | _u16(d, pos + 2)
 
 
+def _columns(n: int) -> tuple[Any, ...]:
+    """Empty output columns for ``n`` rows: "no field" everywhere."""
+    return (np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint8),
+            np.zeros((n, 2), dtype=np.uint64), np.zeros((n, 2), dtype=np.uint64),
+            np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32),
+            np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64))
+
+
 def decode_batch(batch: RecordBatch) -> Decoded:
     """Decode every record of ``batch`` into :class:`Decoded` columns."""
     n = len(batch)
@@ -214,16 +224,7 @@ def decode_batch(batch: RecordBatch) -> Decoded:
     err[badver] = E_BAD_VER
     live = err == 0
 
-    version = np.zeros(n, dtype=np.uint8)
-    proto = np.zeros(n, dtype=np.uint8)
-    src = np.zeros((n, 2), dtype=np.uint64)
-    dst = np.zeros((n, 2), dtype=np.uint64)
-    sport = np.full(n, -1, dtype=np.int32)
-    dport = np.full(n, -1, dtype=np.int32)
-    flags = np.zeros(n, dtype=np.uint8)
-    ipb = np.zeros(n, dtype=np.int64)
-    frag = np.zeros(n, dtype=np.uint8)
-    frag_id = np.zeros(n, dtype=np.int64)
+    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id = _columns(n)
     l4 = np.zeros(n, dtype=np.int64)
     want_ports = np.zeros(n, dtype=bool)
 
@@ -370,16 +371,7 @@ def decode_scalar_batch(batch: RecordBatch) -> Decoded:
     n = len(batch)
     rows = np.arange(n, dtype=np.int64)
     err = np.zeros(n, dtype=np.uint8)
-    version = np.zeros(n, dtype=np.uint8)
-    proto = np.zeros(n, dtype=np.uint8)
-    src = np.zeros((n, 2), dtype=np.uint64)
-    dst = np.zeros((n, 2), dtype=np.uint64)
-    sport = np.full(n, -1, dtype=np.int32)
-    dport = np.full(n, -1, dtype=np.int32)
-    flags = np.zeros(n, dtype=np.uint8)
-    ipb = np.zeros(n, dtype=np.int64)
-    frag = np.zeros(n, dtype=np.uint8)
-    frag_id = np.zeros(n, dtype=np.int64)
+    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id = _columns(n)
     _scalar_rows(batch, rows, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
                  frag_id)
     return Decoded(batch.ts_ns, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
