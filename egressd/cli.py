@@ -27,6 +27,7 @@ from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
 from egressd.model import VerdictKind
 from egressd.netset import DEFAULT_INTERNAL_NETWORKS
 from egressd.report import AuditResult, write_json
+from egressd.report_openmetrics import write_openmetrics
 from egressd.report_text import write_text
 from egressd.sources.base import CaptureError
 from egressd.sources.files import expand_capture_args
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MaxMind GeoIP2/GeoLite2 Country or City database "
                         "(default: the embedded registry-country data)")
     a.add_argument("--asn-db", metavar="MMDB", help="MaxMind GeoLite2/GeoIP2 ASN database")
-    a.add_argument("--format", choices=("text", "json", "html"), default="text")
+    a.add_argument("--format", choices=("text", "json", "html", "openmetrics"), default="text")
     a.add_argument("--output", "-o", metavar="FILE", help="write the report here (default stdout)")
     a.add_argument("--fail-on", choices=("violation", "unknown", "never"), default="violation",
                    help="exit 1 when a finding at or above this level exists (default violation)")
@@ -222,6 +223,8 @@ def _write_report(result: AuditResult, fmt: str, output: str | None) -> None:
     def render(out: IO[str]) -> None:
         if fmt == "json":
             write_json(result, out)
+        elif fmt == "openmetrics":
+            write_openmetrics(result, out)
         else:
             tty = output is None and sys.stdout.isatty()
             write_text(result, out, color=tty,
