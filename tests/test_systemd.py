@@ -45,11 +45,12 @@ def test_unit_runs_unprivileged_and_hardened() -> None:
     assert s["CapabilityBoundingSet"] == ["CAP_NET_RAW"]
     for key, expected in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
                           "ProtectHome": "yes", "PrivateTmp": "yes",
-                          "SystemCallFilter": "@system-service", "Restart": "on-failure",
+                          "Restart": "on-failure", "PrivateMounts": "yes",
                           "StateDirectory": "egressd", "ConfigurationDirectory": "egressd"}.items():
         assert s[key] == [expected], key
     assert set(s["RestrictAddressFamilies"][0].split()) == {
         "AF_PACKET", "AF_NETLINK", "AF_UNIX", "AF_INET", "AF_INET6"}
+    assert s["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert "check-config /etc/egressd/egressd.yaml" in s["ExecStartPre"][0]
     assert "run --config /etc/egressd/egressd.yaml" in s["ExecStart"][0]
@@ -62,3 +63,18 @@ def test_example_config_the_unit_points_at_is_valid() -> None:
                          text=True, check=False, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "ok (1 route)" in res.stdout
+
+
+def test_exposure_level_is_ok_or_better(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is missing: install the systemd package")
+    unit = tmp_path / "egressd.service"
+    unit.write_text(UNIT.read_text().replace("/usr/bin/egressd", shutil.which("egressd") or
+                                             f"{sys.executable} -m egressd"))
+    res = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                         capture_output=True, text=True, check=False)
+    last = [ln for ln in res.stdout.splitlines() if "Overall exposure level" in ln]
+    assert last, res.stdout + res.stderr
+    score = float(last[0].split(":")[1].split()[0])
+    assert score <= 2.0, last[0]
