@@ -26,6 +26,7 @@ from egressd.flows import FlowTimeouts
 from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
 from egressd.model import VerdictKind
 from egressd.netset import DEFAULT_INTERNAL_NETWORKS
+from egressd.policy import Policy
 from egressd.report import AuditResult, write_json
 from egressd.report_openmetrics import write_openmetrics
 from egressd.report_text import write_text
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tcp-close-grace", type=float, default=5.0, metavar="SECONDS",
                    help="after a TCP teardown, how long late ACKs stay in the flow (default 5)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("--verify", metavar="REPORT.json",
+                   help="re-run the audit and compare it with this stored JSON report "
+                        "(exit 0: matches, 1: differs, 2: not a readable report)")
     a.add_argument("captures", nargs="+", metavar="CAPTURE",
                    help="pcap/pcapng file (.gz too), a directory of them, or - for stdin")
 
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The exact command line, for the report's evidence block.
+    args.command_line = list(sys.argv) if argv is None else ["egressd", *argv]
     try:
         if args.command == "audit":
             return cmd_audit(args)
@@ -155,8 +161,10 @@ def _timeouts(specs: list[str], grace: float) -> FlowTimeouts:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    if args.format == "html":
-        raise UsageError("--format html is not available in this version; use text or json")
+    stored = None
+    if args.verify:
+        from egressd.verify import load_report
+        stored = load_report(args.verify)
     # The audit reads the policy keys only: a daemon config file is accepted as
     # it is, and its daemon settings (capture, GeoIP paths, alerts) are ignored.
     policy = load_policy(args.policy)
@@ -182,7 +190,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "")
     for w in result.warnings[len(policy.warnings):]:
         _warn(w)
-    _write_report(result, args.format, args.output)
+    if stored is not None:
+        from egressd.verify import verify
+        return verify(result, stored, sys.stdout, report_path=args.verify)
+    _write_report(result, args.format, args.output, policy=policy,
+                  command=args.command_line)
     return _exit_status(result, args.fail_on)
 
 
@@ -219,16 +231,27 @@ def _progress(path: str, enabled: bool) -> Iterator[Progress | None]:
         yield lambda n: bar.advance(task, n)
 
 
-def _write_report(result: AuditResult, fmt: str, output: str | None) -> None:
+def _write_report(result: AuditResult, fmt: str, output: str | None, *,
+                  policy: Policy | None = None, command: list[str] | None = None) -> None:
+    policy_text = ""
+    if fmt == "html":
+        with open(result.policy_path, "rb") as f:
+            policy_text = f.read().decode("utf-8", "replace")
+
     def render(out: IO[str]) -> None:
         if fmt == "json":
             write_json(result, out)
+        elif fmt == "html":
+            from egressd.report_html import write_html
+            write_html(result, out, command=command or [], policy_text=policy_text,
+                       policy=policy)
         elif fmt == "openmetrics":
             write_openmetrics(result, out)
         else:
             tty = output is None and sys.stdout.isatty()
             write_text(result, out, color=tty,
-                       width=shutil.get_terminal_size().columns if tty else None)
+                       width=shutil.get_terminal_size().columns if tty else None,
+                       command=command)
 
     if output is None or output == "-":
         render(sys.stdout)

@@ -118,7 +118,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.serve_metrics = serve_metrics
         self.stop_event = threading.Event()
-        self._restart = threading.Event()
+        self._interrupt = threading.Event()
+        """Set to leave the capture loop: to stop, or to reopen the capture."""
         self._reload_requested = False
         self._auto_prefixes: list[Any] | None = None
         self._auto_changed = False
@@ -135,6 +136,7 @@ class Daemon:
 
     def request_stop(self, *_: object) -> None:
         self.stop_event.set()
+        self._interrupt.set()
 
     def request_reload(self, *_: object) -> None:
         self._reload_requested = True
@@ -174,8 +176,8 @@ class Daemon:
         try:
             while not self.stop_event.is_set():
                 self._capture(source)
-                if self._restart.is_set() and not self.stop_event.is_set():
-                    self._restart.clear()
+                if not self.stop_event.is_set():  # interrupted to reopen the capture
+                    self._interrupt.clear()
                     source.close()
                     assert self.rt is not None
                     source = self._open_source(self.rt.config)
@@ -219,8 +221,7 @@ class Daemon:
         m = self.metrics
         last_tick = 0.0
         last_geo = time.monotonic()
-        stop_or_restart = _AnyEvent(self.stop_event, self._restart)
-        for iface, batch in source.batches(stop_or_restart):  # type: ignore[arg-type]
+        for iface, batch in source.batches(self._interrupt):
             if len(batch):
                 self._interface = iface
                 dec = decode_batch(batch)
@@ -393,7 +394,7 @@ class Daemon:
                                    clock=self.clock)
         if (nc.interfaces, nc.capture_filter, nc.promiscuous) != (
                 oc.interfaces, oc.capture_filter, oc.promiscuous):
-            self._restart.set()
+            self._interrupt.set()
         if nc.metrics != oc.metrics:
             log.warning("metrics.listen changed: takes effect at the next restart")
         self._publish_static(new)
@@ -429,15 +430,3 @@ class Daemon:
         log.info("stopped after %d packets, %d alerts; %d open flows accounted", self.packets,
                  self.alerts, flushed)
 
-
-class _AnyEvent:
-    """Looks like a threading.Event that is set when either of two events is."""
-
-    def __init__(self, a: threading.Event, b: threading.Event) -> None:
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or self.b.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.a.wait(timeout) or self.b.is_set()

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from egressd.decode.batch import Decoded
-from egressd.decode.linktypes import ERR_CODE, Err
+from egressd.decode.linktypes import Err
 from egressd.decode.scalar import FRAG_FIRST, FRAG_LATER
 from egressd.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
@@ -490,7 +490,3 @@ class FlowTable:
             self._new.append(flow)
         return flow
 
-
-def orphan_code() -> int:
-    """Error code index of fragments whose first fragment was never seen."""
-    return ERR_CODE[Err.ORPHAN_FRAGMENT]

@@ -127,7 +127,8 @@ table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 .fail{background:#fdecea;color:#8e1b1b}.pass{background:#e8f5e9;color:#1b5e20}
 .warn{color:#8a4b00;font-weight:600}code,pre{font-family:ui-monospace,Menlo,Consolas,monospace}
 pre{background:#f7f7f7;border:1px solid #ddd;padding:.5rem;overflow:auto;font-size:.8rem}
-svg text{font-size:11px;font-family:inherit}.mono{font-family:ui-monospace,monospace}
+.scroll{overflow-x:auto}svg text{font-size:11px;font-family:inherit}
+.mono{font-family:ui-monospace,monospace}
 """
 
 _JS = """
@@ -265,10 +266,10 @@ def _country_section(by_country: dict[str, int]) -> str:
     if not items:
         return ('<section id="countries"><h2>Outbound bytes by country</h2>'
                 "<p>No outbound traffic to remotes.</p></section>\n")
-    label_w, bar_w, row_h = 90, 560, 22
+    label_w, bar_w, row_h = 130, 560, 22
     height = row_h * len(items) + 10
     top = max(v for _, v in items) or 1
-    svg = [f'<svg id="country-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
+    svg = [f'<svg id="country-chart" role="img" '
            f'width="{label_w + bar_w + 150}" height="{height}" '
            'aria-label="Outbound bytes by country">']
     for i, (country, nbytes) in enumerate(items):
@@ -391,8 +392,8 @@ def _findings_section(found: list[FlowRecord]) -> str:
     return ('<section id="findings"><h2>Violations and unknown-country exports '
             f"({len(found)})</h2>\n<p>Flows that sent data out (bytes out &gt; 0) with verdict "
             "violation or unknown. Click a header to sort.</p>\n"
-            '<table id="findings-table" class="sortable"><thead><tr>' + head
-            + "</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table>"
+            '<div class="scroll"><table id="findings-table" class="sortable"><thead><tr>' + head
+            + "</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table></div>"
             + empty + "</section>\n")
 
 
@@ -419,7 +420,7 @@ def _timeline_section(result: AuditResult) -> str:
     left, width, height, top_pad = 70, 800, 220, 10
     peak = max(max(b) for b in series.values()) or 1.0
     step = width / (n - 1)
-    svg = [f'<svg id="timeline-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
+    svg = [f'<svg id="timeline-chart" role="img" '
            f'width="{left + width + 20}" height="{height + 70}" '
            'aria-label="Outbound bytes over time by verdict">',
            f'<line x1="{left}" y1="{top_pad + height}" x2="{left + width}" '

@@ -6,11 +6,13 @@ are cut to the largest entries with a line saying how many more there are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import IO
 
 from rich.console import Console
 from rich.table import Table
 
+from egressd import __version__
 from egressd.model import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -20,6 +22,7 @@ from egressd.model import (
     proto_name,
 )
 from egressd.report import AuditResult, rfc3339
+from egressd.report_html import command_text, geoip_evidence
 
 MAX_ROWS = 50
 
@@ -40,8 +43,11 @@ def _endpoint(ip: str, port: int | None) -> str:
 
 
 def write_text(result: AuditResult, out: IO[str], *, color: bool = False,
-               width: int | None = None) -> None:
-    """Render ``result`` as tables on ``out``."""
+               width: int | None = None, command: Sequence[str] | None = None) -> None:
+    """Render ``result`` as tables on ``out``, then the evidence block.
+
+    ``command`` is the command line that ran the audit, for the evidence block.
+    """
     # On a terminal, fit its width; into a file or pipe, never cut a cell.
     con = Console(file=out, force_terminal=color, no_color=not color, width=width or 400,
                   highlight=False, soft_wrap=True)
@@ -104,6 +110,32 @@ def write_text(result: AuditResult, out: IO[str], *, color: bool = False,
         con.print(f"  … {len(findings) - MAX_ROWS} more; use --format json for all flows")
     for w in result.warnings:
         con.print(f"warning: {w}")
+    _evidence(con, result, command)
+
+
+def _evidence(con: Console, result: AuditResult, command: Sequence[str] | None) -> None:
+    """What the audit ran on, precisely enough to re-run and check it."""
+    con.print()
+    con.print("Evidence", markup=False)
+    con.print(f"  policy {result.policy_path}: sha256 {result.policy_sha256}", markup=False)
+    for c in result.captures:
+        span = (f"{rfc3339(c.first_ns)} .. {rfc3339(c.last_ns)}"
+                if c.first_ns is not None and c.last_ns is not None else "no packets")
+        con.print(f"  capture {c.path}: {c.bytes} bytes, sha256 {c.sha256}, {span}, "
+                  f"{c.packets} packets" + (", TRUNCATED" if c.truncated else ""), markup=False)
+    for g in geoip_evidence(result):
+        line = (f"  geoip {g.source.source} {g.source.database_type}"
+                + (f" ({g.source.path})" if g.source.path else "")
+                + f": built {g.built or 'unknown'}")
+        if g.age_days is not None:
+            line += f", {g.age_days} days before the capture"
+        con.print(line, markup=False)
+        if g.warning:
+            con.print(f"  WARNING: geoip {g.source.path or g.source.source}: {g.warning}",
+                      markup=False)
+    con.print(f"  egressd {__version__}", markup=False)
+    if command:
+        con.print(f"  command: {command_text(command)}", markup=False)
 
 
 def _finding_row(f: FlowRecord) -> list[str]:

@@ -422,7 +422,10 @@ def test_flow_flood_stays_bounded_and_geoip_file_swap_is_picked_up(
     mport = free_port()
     config = tmp_path / "egressd.yaml"
     write_config(config, tmp_path, geodb, mport, free_port())
-    config.write_text(config.read_text().replace("max_flows: 1000", "max_flows: 50"))
+    # Long idle timeouts: under load the daemon may lag seconds behind the
+    # packets, and idle expiry must not end the flows before eviction does.
+    config.write_text(config.read_text().replace("max_flows: 1000", "max_flows: 50")
+                      .replace("udp: 5,", "udp: 300,"))
     sink = call_in(ns_b, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("203.0.113.9", 9999))
 
