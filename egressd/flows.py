@@ -78,7 +78,7 @@ class Flow:
     """
 
     __slots__ = (
-        "a", "a_port", "b", "b_port", "by0", "by1", "closing_at", "fin", "first_ns",
+        "by0", "by1", "closing_at", "fin", "first_ns",
         "icmp_code", "icmp_type", "initiator", "key", "last_ns", "pk0", "pk1", "proto",
         "syn_seen", "verdict", "version",
     )
@@ -88,10 +88,6 @@ class Flow:
         self.key = key
         self.proto = proto
         self.version = version
-        self.a = key[8:24]
-        self.a_port = (key[1] << 8) | key[2]
-        self.b = key[24:40]
-        self.b_port = (key[3] << 8) | key[4]
         self.initiator = initiator
         self.syn_seen = False
         self.first_ns = first_ns
@@ -102,6 +98,24 @@ class Flow:
         self.icmp_type = icmp_type
         self.icmp_code = icmp_code
         self.verdict: object = None  # set by a live classifier when it decides early
+
+    # Endpoints are read from the key when asked (once, when the flow is
+    # classified) rather than stored: a table of a million flows is smaller.
+    @property
+    def a(self) -> bytes:
+        return self.key[8:24]
+
+    @property
+    def b(self) -> bytes:
+        return self.key[24:40]
+
+    @property
+    def a_port(self) -> int:
+        return (self.key[1] << 8) | self.key[2]
+
+    @property
+    def b_port(self) -> int:
+        return (self.key[3] << 8) | self.key[4]
 
     @property
     def packets(self) -> int:
