@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from egressd.decode.batch import Decoded  # noqa: E402
-from egressd.flows import FlowTable  # noqa: E402
+from egressd.decode.batch import Decoded
+from egressd.flows import FlowTable
 
 BATCH = 65536
 MAPPED = 0xFFFF_0000_0000
