@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from egressd import __version__
-from egressd.model import FlowRecord, GeoSource, VerdictKind, proto_name
+from egressd.model import FlowRecord, GeoInfo, GeoSource, Verdict, VerdictKind, proto_name
 
 SCHEMA = "egressd.audit/1"
 VERDICT_ORDER = tuple(v.value for v in VerdictKind)
@@ -162,26 +162,44 @@ def _jn(value: int | None) -> str:
 _PROTO_JSON = {p: json.dumps(proto_name(p)) for p in range(256)}
 
 
+_FRAGMENTS: dict[tuple[type, tuple[object, ...]], str] = {}
+
+
+def _fragment(key: GeoInfo | Verdict) -> str:
+    """The JSON text of the geo or verdict fields: few distinct values, built once each."""
+    cache_key = (type(key), key)  # a GeoInfo and a Verdict may compare equal as tuples
+    text = _FRAGMENTS.get(cache_key)
+    if text is None:
+        if len(_FRAGMENTS) > 100_000:
+            _FRAGMENTS.clear()
+        if isinstance(key, GeoInfo):
+            text = (f'"country":{_js(key.country)},'
+                    f'"registered_country":{_js(key.registered_country)},'
+                    f'"asn":{_jn(key.asn)},"as_org":{_js(key.as_org)}')
+        else:
+            text = (f'"verdict":{_js(key.verdict)},"route":{_js(key.route)},'
+                    f'"approval":{_js(key.approval)},"reason":{_js(key.reason)}')
+        _FRAGMENTS[cache_key] = text
+    return text
+
+
 def flow_line(f: FlowRecord) -> str:
     """``json.dumps(flow_json(f), separators=(",", ":"))``, several times faster.
 
     Addresses and Community IDs never need escaping; every other string goes
-    through :func:`json.dumps` once.  The test suite checks both agree.
+    through :func:`json.dumps` once, and the geo and verdict fields, which
+    repeat across flows, are formatted once per distinct value.  The test
+    suite checks both agree.
     """
-    v = f.verdict
-    g = f.geo
     return (
         f'{{"community_id":"{f.community_id}","proto":{_PROTO_JSON[f.proto]},'
         f'"src_ip":"{f.src_ip}","src_port":{_jn(f.src_port)},'
         f'"dst_ip":"{f.dst_ip}","dst_port":{_jn(f.dst_port)},'
         f'"initiator":{_js(f.initiator)},"remote_ip":{_js(f.remote_ip)},'
-        f'"country":{_js(g.country)},"registered_country":{_js(g.registered_country)},'
-        f'"asn":{_jn(g.asn)},"as_org":{_js(g.as_org)},"zone":{_js(f.zone)},'
+        f'{_fragment(f.geo)},"zone":{_js(f.zone)},'
         f'"first_seen":"{rfc3339(f.first_seen_ns)}","last_seen":"{rfc3339(f.last_seen_ns)}",'
         f'"packets_out":{f.packets_out},"bytes_out":{f.bytes_out},'
-        f'"packets_in":{f.packets_in},"bytes_in":{f.bytes_in},'
-        f'"verdict":{_js(v.verdict)},"route":{_js(v.route)},"approval":{_js(v.approval)},'
-        f'"reason":{_js(v.reason)}}}'
+        f'"packets_in":{f.packets_in},"bytes_in":{f.bytes_in},{_fragment(f.verdict)}}}'
     )
 
 
