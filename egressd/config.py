@@ -27,7 +27,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
-from typing import Annotated, Any, Final, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import iso3166
@@ -43,6 +43,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+if TYPE_CHECKING:
+    from egressd.metrics_http import WebConfig
 
 from egressd.model import PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, PROTO_UDP
 from egressd.netset import DEFAULT_INTERNAL_NETWORKS, IPNetwork
@@ -691,6 +694,16 @@ class MetricsConfig(_Model):
     """``metrics:`` where the Prometheus ``/metrics`` endpoint listens."""
 
     listen: Listen = "127.0.0.1:9855"
+    web_config: Text | None = None
+    """Web config file (Prometheus exporter format) adding TLS and basic auth; None: plain."""
+
+    def load_web_config(self) -> WebConfig | None:
+        """The checked ``web_config`` file, or None; raises :class:`ConfigError`."""
+        if self.web_config is None:
+            return None
+        from egressd.metrics_http import load_web_config
+
+        return load_web_config(self.web_config)
 
     @property
     def host(self) -> str:
@@ -1004,6 +1017,36 @@ def _build_policy(
     )
 
 
+def _check_metrics(parsed: _FullDocument, doc: _Document, policy: Policy) -> None:
+    """Load ``metrics.web_config`` (errors name both files); warn about an open endpoint."""
+    metrics = parsed.metrics
+    path: KeyPath = ("metrics", "web_config")
+    try:
+        web = metrics.load_web_config()
+    except ConfigError as exc:
+        raise doc.error(path, str(exc)) from None
+    host = metrics.host
+    try:
+        loopback = host.lower().rstrip(".") == "localhost" or ipaddress.ip_address(
+            host
+        ).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    where = f"{doc.name}:{doc.line_of(('metrics', 'listen')) or 1}: metrics"
+    if web is None or (web.tls is None and not web.basic_auth_users):
+        policy.warnings.append(
+            f"{where}.listen: {host!r} is not a loopback address and metrics.web_config is "
+            "not set (or sets nothing): the metrics are served without TLS or a password"
+        )
+    elif web.tls is None and web.basic_auth_users:
+        policy.warnings.append(
+            f"{where}.web_config: basic auth without tls_server_config sends passwords "
+            "in clear text"
+        )
+
+
 def _check_interfaces(parsed: _FullDocument, doc: _Document) -> None:
     seen: set[str] = set()
     for i, name in enumerate(parsed.interfaces or ()):
@@ -1033,6 +1076,7 @@ def parse_config(data: bytes, name: str, *, now: datetime | None = None) -> Conf
     parsed = _validate(_FullDocument, doc, values)
     policy = _build_policy(parsed, doc, hashlib.sha256(data).hexdigest(), now)
     _check_interfaces(parsed, doc)
+    _check_metrics(parsed, doc, policy)
     return Config(
         policy=policy,
         interfaces=parsed.interfaces or (),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from egressd.alerts import Alerter
 from egressd.classify import Classifier
@@ -38,9 +38,11 @@ from egressd.decode.batch import decode_batch
 from egressd.flows import Flow, FlowTable, FlowTimeouts
 from egressd.geo import CachedResolver, open_resolver
 from egressd.metrics import NO_LABEL, Metrics
+from egressd.metrics_http import MetricsServer, serve_metrics
 from egressd.model import FlowRecord, Initiator, VerdictKind
 from egressd.notify import Notifier
 from egressd.policy import Policy
+from egressd.privileges import drop_privileges
 from egressd.sources.live import LiveSource
 
 log = logging.getLogger("egressd")
@@ -117,6 +119,7 @@ class Daemon:
         self.clock = clock
         self.notifier = notifier or Notifier()
         self.serve_metrics = serve_metrics
+        self.metrics_server: MetricsServer | None = None
         self.stop_event = threading.Event()
         self._interrupt = threading.Event()
         """Set to leave the capture loop: to stop, or to reopen the capture."""
@@ -159,15 +162,20 @@ class Daemon:
         rt = self._first_load()
         self.rt = rt
         config = rt.config
+        web_config = config.metrics.load_web_config()
+        # Open the capture sockets, then give up every capability but
+        # CAP_NET_RAW before any other thread starts: capabilities are per
+        # thread, and the metrics, alert and netlink threads need none.
+        source = self._open_source(config)
+        drop_privileges()
         if self.serve_metrics:
-            start_http_server(config.metrics.port, addr=config.metrics.host,
-                              registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", config.metrics.host, config.metrics.port)
+            self.metrics_server = serve_metrics(self.registry, config.metrics.host,
+                                                config.metrics.port, web_config)
+            log.info("metrics on %s", self.metrics_server.url)
         self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
                                clock=self.clock)
         self.table = FlowTable(_timeouts(config), on_new=self._on_new)
         watcher = self._start_watcher(config.policy)
-        source = self._open_source(config)
         self._publish_static(rt)
         self.metrics.reload_success.set(1)
         self.metrics.reload_time.set(time.time())
@@ -427,6 +435,8 @@ class Daemon:
             self.alerter.flush(STOP_TIMEOUT_SECONDS / 2)
             self.alerter.close(STOP_TIMEOUT_SECONDS / 2)
         self.notifier.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("stopped after %d packets, %d alerts; %d open flows accounted", self.packets,
                  self.alerts, flushed)
 
