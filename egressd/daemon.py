@@ -341,6 +341,10 @@ class Daemon:
             self._account(flow)
         # Long flows: judge them again (a route may have expired meanwhile).
         period = rt.config.flows.active_timeout_ns
+        if len(self._active) > 2 * len(table) + 1024:
+            # Ended flows linger here until due; under a flood of short flows
+            # drop them now, so memory stays proportional to live flows.
+            self._active = deque(e for e in self._active if table.get(e[1].key) is e[1])
         while self._active and self._active[0][0] <= now_ns:
             _, flow = self._active.popleft()
             if table.get(flow.key) is not flow:
