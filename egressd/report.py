@@ -9,6 +9,7 @@ emitted in a fixed order, and nothing depends on batch sizes or timing.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -25,19 +26,16 @@ NO_COUNTRY_KEY = "unknown"
 """Key of ``bytes_out_by_country`` for remotes without a country."""
 
 
-_SECONDS: dict[int, str] = {}
+@functools.lru_cache(maxsize=65536)
+def _second(sec: int) -> str:
+    # Flows cluster in time: formatting each second once saves most of the cost.
+    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def rfc3339(ns: int) -> str:
     """UTC RFC 3339 time with microseconds, from nanoseconds since the epoch."""
     sec, rem = divmod(ns, 1_000_000_000)
-    stamp = _SECONDS.get(sec)
-    if stamp is None:
-        # Flows cluster in time: formatting each second once saves most of the cost.
-        if len(_SECONDS) > 100_000:
-            _SECONDS.clear()
-        stamp = _SECONDS[sec] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{rem // 1000:06d}Z"
+    return f"{_second(sec)}.{rem // 1000:06d}Z"
 
 
 @dataclass(slots=True)
@@ -140,19 +138,10 @@ def flow_json(f: FlowRecord) -> dict[str, Any]:
     }
 
 
-_STRINGS: dict[str, str] = {}
-
-
+@functools.lru_cache(maxsize=65536)
 def _js(value: str | None) -> str:
     """JSON text of a string from the policy or the GeoIP data (escaped once, then cached)."""
-    if value is None:
-        return "null"
-    text = _STRINGS.get(value)
-    if text is None:
-        if len(_STRINGS) > 100_000:
-            _STRINGS.clear()
-        text = _STRINGS[value] = json.dumps(value, ensure_ascii=False)
-    return text
+    return "null" if value is None else json.dumps(value, ensure_ascii=False)
 
 
 def _jn(value: int | None) -> str:
@@ -162,25 +151,23 @@ def _jn(value: int | None) -> str:
 _PROTO_JSON = {p: json.dumps(proto_name(p)) for p in range(256)}
 
 
-_FRAGMENTS: dict[tuple[type, tuple[object, ...]], str] = {}
-
-
 def _fragment(key: GeoInfo | Verdict) -> str:
-    """The JSON text of the geo or verdict fields: few distinct values, built once each."""
-    cache_key = (type(key), key)  # a GeoInfo and a Verdict may compare equal as tuples
-    text = _FRAGMENTS.get(cache_key)
-    if text is None:
-        if len(_FRAGMENTS) > 100_000:
-            _FRAGMENTS.clear()
-        if isinstance(key, GeoInfo):
-            text = (f'"country":{_js(key.country)},'
-                    f'"registered_country":{_js(key.registered_country)},'
-                    f'"asn":{_jn(key.asn)},"as_org":{_js(key.as_org)}')
-        else:
-            text = (f'"verdict":{_js(key.verdict)},"route":{_js(key.route)},'
-                    f'"approval":{_js(key.approval)},"reason":{_js(key.reason)}')
-        _FRAGMENTS[cache_key] = text
-    return text
+    """The JSON text of the geo or verdict fields (few distinct values: cached)."""
+    if isinstance(key, GeoInfo):
+        return _geo_fragment(key)
+    return _verdict_fragment(key)
+
+
+@functools.lru_cache(maxsize=65536)
+def _geo_fragment(g: GeoInfo) -> str:
+    return (f'"country":{_js(g.country)},"registered_country":{_js(g.registered_country)},'
+            f'"asn":{_jn(g.asn)},"as_org":{_js(g.as_org)}')
+
+
+@functools.lru_cache(maxsize=4096)
+def _verdict_fragment(v: Verdict) -> str:
+    return (f'"verdict":{_js(v.verdict)},"route":{_js(v.route)},'
+            f'"approval":{_js(v.approval)},"reason":{_js(v.reason)}')
 
 
 def flow_line(f: FlowRecord) -> str:
