@@ -305,3 +305,18 @@ def test_unanswered_inbound_probe_is_no_finding(env: dict[str, Path],
     [flow] = rep["flows"]
     assert (flow["verdict"], flow["initiator"], flow["bytes_out"]) == ("violation", "remote", 0)
     assert code == 0
+
+
+def test_progress_bar_advances_by_bytes_read(env: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import egressd.cli as cli
+
+    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 0)
+    with cli._progress(str(env["pcap"]), True) as progress:
+        assert progress is not None
+        progress(100)  # a rich progress bar on stderr: must accept byte counts
+    with cli._progress(str(env["pcap"]), False) as progress:
+        assert progress is None
+    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 10**12)
+    with cli._progress(str(env["pcap"]), True) as progress:
+        assert progress is None  # small captures get no bar
