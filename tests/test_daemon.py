@@ -70,7 +70,11 @@ US_ROUTE = """\
 
 
 class Notify:
-    """A NOTIFY_SOCKET like systemd's: collects what the service sends."""
+    """A NOTIFY_SOCKET like systemd's: a thread collects what the service sends.
+
+    Read continuously, as systemd does: the service never blocks on this
+    socket, so a datagram that finds the queue full is dropped.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -78,16 +82,25 @@ class Notify:
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def wait(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in m for m in self.messages):
-                return
+    def _read(self) -> None:
+        while self._open:
             try:
                 self.messages.append(self.sock.recv(4096).decode())
             except TimeoutError:
                 continue
+            except OSError:
+                return
+
+    def wait(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in m for m in list(self.messages)):
+                return
+            time.sleep(0.05)
         raise AssertionError(f"no {text!r} from the daemon; got {self.messages}")
 
 

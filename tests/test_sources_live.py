@@ -395,7 +395,7 @@ def test_kernel_statistics_count_drops(lab: Lab) -> None:
     sink = udp_sink(lab.a.ns, a4, 6000)
     with executor(lab.a.ns) as pool:
         # A tiny socket buffer that nobody reads yet: the kernel must drop.
-        source = pool.submit(LiveSource, [lab.a.ifname], buffer_bytes=1).result()
+        source = pool.submit(LiveSource, [lab.a.ifname], buffer_bytes=1, ring=False).result()
         try:
             udp_send(lab.b.ns, b4, 40001, a4, 6000, 300, size=1000)
             wait_for(lambda: source.stats()[lab.a.ifname][0] >= 300, what="kernel counters")

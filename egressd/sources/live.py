@@ -22,6 +22,15 @@ How it captures, and why:
   interface receives and what it sends (``PACKET_OUTGOING``), which is what a
   gateway interface needs.  On loopback the kernel shows every frame twice (as
   sent and as received); the filter drops the sent copy there.
+* **A receive ring, if asked for.**  With ``ring=True`` each socket gets a
+  memory-mapped ``TPACKET_V3`` ring (:mod:`egressd.sources.ring`) of
+  ``ring_bytes``: the kernel packs frames into large blocks, and a whole
+  block becomes one batch for one wake-up instead of one ``recvmsg`` per
+  frame.  A block is handed over when full or ``batch_timeout`` after its
+  first frame.  If the ring cannot be set up (old kernel, no memory) the
+  socket falls back to ``recvmsg`` with a warning.  The ring replaces the
+  socket buffer (``buffer_bytes`` applies to the ``recvmsg`` path only) and
+  is kernel memory held for as long as the interface is captured.
 * **Kernel timestamps and real lengths.**  The time stamp of a record is the
   kernel's receive time (``SO_TIMESTAMPNS``, delivered with the frame by the
   same ``recvmsg``), so frames that waited in the socket buffer keep their
@@ -60,6 +69,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import os
 import select
 import socket
 import struct
@@ -72,6 +82,7 @@ import numpy as np
 
 from egressd.decode.linktypes import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from egressd.model import RecordBatch
+from egressd.sources.ring import STATS_V3, RxRing
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +124,8 @@ _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 _DOWN_ERRNOS = frozenset({errno.ENETDOWN, errno.ENODEV, errno.ENXIO, errno.EBADFD})
 _DRAIN_PER_ROUND = 512
 """Frames read from one socket before the others get their turn."""
+_BLOCKS_PER_ROUND = 4
+"""Ring blocks taken from one socket before the others get their turn."""
 _AVG_FRAME = 1600
 """Bytes per record the batch buffer is sized for (a full-size Ethernet frame)."""
 
@@ -215,12 +228,14 @@ class _Capture:
     whole batch in :meth:`take`.
     """
 
-    __slots__ = ("buf", "linktype", "sock", "ts", "used", "view", "wirelens")
+    __slots__ = ("buf", "linktype", "ring", "sock", "ts", "used", "view", "wirelens")
 
-    def __init__(self, sock: socket.socket, linktype: int, capacity: int) -> None:
+    def __init__(self, sock: socket.socket, linktype: int, capacity: int,
+                 ring: RxRing | None = None) -> None:
         self.sock = sock
         self.linktype = linktype
-        self.buf = bytearray(capacity)
+        self.ring = ring
+        self.buf = bytearray(0 if ring is not None else capacity)
         self.view = memoryview(self.buf)
         self.used = 0
         self.wirelens: list[int] = []
@@ -245,6 +260,11 @@ class _Capture:
         self.wirelens = []
         self.ts = bytearray()
         return batch
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+        self.sock.close()
 
 
 @dataclass(slots=True)
@@ -276,7 +296,10 @@ class LiveSource:
     pipeline is busy; the kernel drops what does not fit and counts it in
     :meth:`stats`).  ``reopen_interval`` is how often a failed interface is
     tried again.  ``clock`` (nanoseconds since the epoch) stamps a frame only
-    if the kernel gave it no time stamp.
+    if the kernel gave it no time stamp.  ``ring`` captures through a
+    ``TPACKET_V3`` receive ring of ``ring_bytes`` per interface (falling back
+    to ``recvmsg`` where it cannot be set up); its frames wait at most
+    ``batch_timeout`` in the kernel.
 
     Raises :class:`FilterError` for a filter that does not compile and
     ``PermissionError`` without ``CAP_NET_RAW``.
@@ -286,7 +309,8 @@ class LiveSource:
                  promiscuous: bool = False, batch_packets: int = 4096,
                  batch_timeout: float = 0.05, clock: Callable[[], int] = time.time_ns,
                  snaplen: int = 262144, buffer_bytes: int = 8 << 20,
-                 reopen_interval: float = 2.0) -> None:
+                 reopen_interval: float = 2.0, ring: bool = True,
+                 ring_bytes: int = 32 << 20) -> None:
         names = list(dict.fromkeys(interfaces))
         if not names:
             raise ValueError("no interface to capture from")
@@ -296,6 +320,8 @@ class LiveSource:
         if batch_packets < 1 or batch_timeout <= 0 or snaplen < 64 or reopen_interval <= 0:
             raise ValueError("batch_packets, batch_timeout, snaplen (>= 64) and "
                              "reopen_interval must be positive")
+        if ring and ring_bytes < 2 * 4096:
+            raise ValueError("ring_bytes must be at least two pages")
         self.bpf_filter = bpf_filter
         self.promiscuous = promiscuous
         self.batch_packets = batch_packets
@@ -304,6 +330,8 @@ class LiveSource:
         self.snaplen = min(snaplen, 0xFFFF_FFFF)
         self.buffer_bytes = buffer_bytes
         self.reopen_interval = reopen_interval
+        self.ring = ring
+        self.ring_bytes = ring_bytes
         self._capacity = batch_packets * _AVG_FRAME + self.snaplen
         self._programs: dict[tuple[int, bool], list[Insn]] = {}
         self._lock = threading.Lock()
@@ -378,6 +406,8 @@ class LiveSource:
                     yielded = True
                     yield ready.name, ready.pending.pop(0)
         for iface in self._ifaces.values():
+            if iface.cap is not None and iface.cap.ring is not None:
+                self._flush_ring(iface, iface.cap.ring)
             if iface.cap is not None and iface.cap.wirelens:
                 iface.pending.append(iface.cap.take(self.snaplen, self.clock))
             while iface.pending:
@@ -390,7 +420,7 @@ class LiveSource:
             for iface in self._ifaces.values():
                 if iface.cap is not None:
                     self._read_stats(iface)
-                    iface.cap.sock.close()
+                    iface.cap.close()
                     iface.cap = None
 
     def __enter__(self) -> LiveSource:
@@ -437,11 +467,14 @@ class LiveSource:
         with self._lock:
             iface.cap = cap
             iface.state = "up"
-        log.info("capturing on %s (%s)", iface.name,
-                 "ethernet" if cap.linktype == LINKTYPE_ETHERNET else "raw ip")
+        log.info("capturing on %s (%s, %s)", iface.name,
+                 "ethernet" if cap.linktype == LINKTYPE_ETHERNET else "raw ip",
+                 "recvmsg" if cap.ring is None else
+                 f"{cap.ring.blocks} x {cap.ring.block_size >> 10} KiB ring")
 
     def _open_socket(self, name: str) -> _Capture:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        ring: RxRing | None = None
         try:
             # Protocol 0: bound to the interface but receiving nothing yet, so
             # no frame slips in before the filter is attached.
@@ -458,34 +491,52 @@ class LiveSource:
                 sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
                 sock.bind((name, 0))
                 linktype = LINKTYPE_RAW
-            _attach(sock, self._program(linktype, hatype == ARPHRD_LOOPBACK))
+            if self.ring:
+                try:
+                    ring = RxRing(sock, self.ring_bytes,
+                                  max(1, round(self.batch_timeout * 1000)))
+                except OSError as exc:
+                    log.warning("no receive ring on %s (%s): capturing with recvmsg",
+                                name, exc.strerror or exc)
+            prog = self._program(linktype, hatype == ARPHRD_LOOPBACK)
+            if ring is not None:
+                # The kernel copies no more than snaplen bytes into the ring
+                # (it reports the real length regardless).
+                prog = [(c, jt, jf, min(k, self.snaplen) if c == _BPF_RET_K else k)
+                        for c, jt, jf, k in prog]
+            _attach(sock, prog)
             if self.promiscuous:
                 ifindex = _ifreq(sock, SIOCGIFINDEX, name, "i")
                 mreq = struct.pack("=iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
                 sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.buffer_bytes)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer_bytes)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if ring is None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.buffer_bytes)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer_bytes)
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind((name, ETH_P_ALL))
             sock.setblocking(False)
             # Counters start from this socket's first frame.
-            sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
+            sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, STATS_V3.size)
         except BaseException:
+            if ring is not None:
+                ring.close()
             sock.close()
             raise
-        return _Capture(sock, linktype, self._capacity)
+        return _Capture(sock, linktype, self._capacity, ring)
 
     def _read_stats(self, iface: _Iface) -> None:
         """Add the socket's counters (reset by reading) to the totals; caller holds the lock."""
         if iface.cap is None:
             return
         try:
-            raw = iface.cap.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
+            # struct tpacket_stats, or tpacket_stats_v3 (one more field,
+            # tp_freeze_q_cnt) on a ring socket: the kernel copies what it has.
+            raw = iface.cap.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, STATS_V3.size)
         except OSError:
             return
-        packets, drops = _STATS.unpack(raw)
+        packets, drops = _STATS.unpack_from(raw)
         iface.packets += packets
         iface.drops += drops
 
@@ -493,11 +544,13 @@ class LiveSource:
         """The interface's socket reported an error: close it and retry later."""
         cap = iface.cap
         assert cap is not None
+        if cap.ring is not None:
+            self._flush_ring(iface, cap.ring)
         if cap.wirelens:
             iface.pending.append(cap.take(self.snaplen, self.clock))
         with self._lock:
             self._read_stats(iface)
-            cap.sock.close()
+            cap.close()
             iface.cap = None
         if exc.errno in _DOWN_ERRNOS:
             log.warning("capture on %s stopped: interface went down or away", iface.name)
@@ -525,6 +578,9 @@ class LiveSource:
         """Read what the socket holds (up to a fair share) into the interface's batch."""
         cap = iface.cap
         assert cap is not None
+        if cap.ring is not None:
+            self._drain_ring(iface, cap, cap.ring)
+            return
         recv = cap.sock.recvmsg_into
         snaplen, limit, view = self.snaplen, self.batch_packets, cap.view
         room = len(cap.buf) - snaplen
@@ -555,3 +611,28 @@ class LiveSource:
                 cap.used = used
         if len(wirelens) >= limit:
             iface.pending.append(cap.take(snaplen, self.clock))
+
+    def _take_blocks(self, iface: _Iface, ring: RxRing, limit: int) -> int:
+        """Turn up to ``limit`` ready blocks into pending batches; how many there were."""
+        assert iface.cap is not None
+        return ring.take_into(iface.pending, limit, iface.cap.linktype, self.snaplen,
+                              self.batch_packets)
+
+    def _drain_ring(self, iface: _Iface, cap: _Capture, ring: RxRing) -> None:
+        """Take the blocks the kernel handed over; on a wake-up without one, check for errors."""
+        if self._take_blocks(iface, ring, _BLOCKS_PER_ROUND):
+            return
+        # Frames never pass through recvmsg here, so an interface that went
+        # down or away shows only as the socket's pending error.
+        err = cap.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(iface, OSError(err, os.strerror(err)))
+
+    def _flush_ring(self, iface: _Iface, ring: RxRing) -> None:
+        """Take every block, waiting (bounded) for the kernel to retire one it is filling."""
+        self._take_blocks(iface, ring, ring.blocks)
+        deadline = time.monotonic() + 2 * ring.retire_ms / 1000 + 0.02
+        while ring.filling() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        self._take_blocks(iface, ring, ring.blocks)
+
