@@ -1,5 +1,10 @@
 """Live capture through the TPACKET_V3 receive ring and through recvmsg, side by side.
 
+The traffic checks of live capture (tuples, bytes, filters, loopback, snaplen,
+batching, kernel counters, interfaces that go away) live here, run on both
+paths; ``test_sources_live`` keeps the helpers and what does not depend on
+the receive path.
+
 Every check runs once with ``ring=True`` and once with ``ring=False`` on real
 traffic between two test namespaces (see ``test_sources_live`` for the
 helpers); with ``ring=True`` the test also makes sure the ring was really set
@@ -113,10 +118,15 @@ def test_tcp_udp_icmp_exact_tuples_counts_bytes_and_times(lab: Lab, ring: bool) 
         up = sum(tcp_payload(r) for r in flows if r.proto == PROTO_TCP and r.src == client)
         down = sum(tcp_payload(r) for r in flows if r.proto == PROTO_TCP and r.src == server)
         assert (up, down) == (1000, 300)
+    syn, syn_ack = 0x02, 0x12
+    assert {(r.sport, r.tcp_flags) for r in flows if r.tcp_flags & syn} == {
+        (40010, syn), (8080, syn_ack), (40011, syn), (8081, syn_ack)}
     for r in rows:
         assert r.linktype == LINKTYPE_ETHERNET
         assert r.caplen == r.wirelen == len(r.frame)
         assert t0 <= r.ts_ns <= t1  # the kernel's receive time, inside the test's window
+        if r.err == 0:
+            assert r.ip_bytes == r.wirelen - ETH
     packets, drops = stats[lab.a.ifname]
     assert packets >= len(rows) and drops == 0
 
@@ -166,6 +176,7 @@ def test_loopback_frames_are_seen_once(lab: Lab, ring: bool) -> None:
         s.close()
     assert Counter(r.key for r in rows if r.proto == PROTO_UDP) == {
         (17, "127.0.0.1", 41000, "127.0.0.1", 7000): 3, (17, "::1", 41001, "::1", 7001): 2}
+    assert {r.linktype for r in rows} == {LINKTYPE_ETHERNET}
 
 
 @MODES
