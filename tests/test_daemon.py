@@ -231,15 +231,20 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-@pytest.fixture
-def geodb(tmp_path: Path) -> Path:
-    return build_mmdb(tmp_path / "country.mmdb", "GeoLite2-Country", {
+def build_geodb(path: Path) -> Path:
+    """The test "internet": 203.0.113.0/24 US, 198.51.100.0/24 HK, 2001:db8:100::/48 DE."""
+    return build_mmdb(path, "GeoLite2-Country", {
         "203.0.113.0/24": {"country": {"iso_code": "US"}, "registered_country": {"iso_code": "US"}},
         "198.51.100.0/24": {"country": {"iso_code": "HK"},
                             "registered_country": {"iso_code": "HK"}},
         "2001:db8:100::/48": {"country": {"iso_code": "DE"},
                               "registered_country": {"iso_code": "DE"}},
     })
+
+
+@pytest.fixture
+def geodb(tmp_path: Path) -> Path:
+    return build_geodb(tmp_path / "country.mmdb")
 
 
 class Daemon:

@@ -33,10 +33,10 @@ from typing import Any
 
 import pytest
 import yaml
-from mmdb_builder import build_mmdb
 from netns import Lab, call_in, ip, require_netns, veth_pair, wait_for
 from test_daemon import (
     Daemon,
+    build_geodb,
     free_port,
     scrape,
     serve_tcp,
@@ -279,13 +279,7 @@ def gateway() -> Iterator[Lab]:
 
 @pytest.fixture
 def country_db(tmp_path: Path) -> Path:
-    return build_mmdb(tmp_path / "country.mmdb", "GeoLite2-Country", {
-        "203.0.113.0/24": {"country": {"iso_code": "US"}, "registered_country": {"iso_code": "US"}},
-        "198.51.100.0/24": {"country": {"iso_code": "HK"},
-                            "registered_country": {"iso_code": "HK"}},
-        "2001:db8:100::/48": {"country": {"iso_code": "DE"},
-                              "registered_country": {"iso_code": "DE"}},
-    })
+    return build_geodb(tmp_path / "country.mmdb")
 
 
 def am_alerts(am: Server) -> list[dict[str, Any]]:
