@@ -23,6 +23,7 @@ from egressd.decode.batch import decode_batch
 from egressd.flows import FlowTable, FlowTimeouts
 from egressd.geo import Resolver
 from egressd.model import FlowRecord, VerdictKind
+from egressd.names.tracker import NameTracker
 from egressd.policy import Policy
 from egressd.report import AuditResult, CaptureSummary
 from egressd.sources.files import HashingReader, open_capture
@@ -38,6 +39,9 @@ Progress = Callable[[int], None]
 class AuditOptions:
     timeouts: FlowTimeouts = field(default_factory=FlowTimeouts)
     batch_records: int = 65536
+    names: bool = True
+    """Read server names (DNS, TLS SNI, QUIC) and give them to flows."""
+    dns_entries: int = 100_000
 
 
 @contextmanager
@@ -86,7 +90,10 @@ class Audit:
         self.resolver = resolver
         self.options = options or AuditOptions()
         self.classifier = Classifier(policy, resolver)
-        self.table = FlowTable(self.options.timeouts)
+        self.names = (NameTracker(dns_entries=self.options.dns_entries)
+                      if self.options.names else None)
+        self.table = FlowTable(self.options.timeouts,
+                               on_new=self.names.on_new if self.names else None)
         self.captures: list[CaptureSummary] = []
         self.flows: list[FlowRecord] = []
 
@@ -123,7 +130,12 @@ class Audit:
                 lo, hi = int(batch.ts_ns.min()), int(batch.ts_ns.max())
                 first = lo if first is None else min(first, lo)
                 last = hi if last is None else max(last, hi)
-                self.table.process(dec)
+                if self.names is not None:
+                    self.names.observe(batch, dec)
+                    self.table.process(dec)
+                    self.names.attach(self.table)
+                else:
+                    self.table.process(dec)
                 self._drain()
                 if progress is not None:
                     progress(hashing.size - seen)

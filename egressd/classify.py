@@ -122,6 +122,11 @@ class Classifier:
         else:
             src_port = dst_port = None
         ver = flow.version
+        fname = flow.name
+        server_name = name_source = None
+        names: tuple[str, ...] = ()
+        if fname is not None:
+            server_name, name_source, names = fname
         s = self._addr(src, ver)
         d = self._addr(dst, ver)
         cid = community_id(proto, s.packed, d.packed, src_port, dst_port)
@@ -129,11 +134,11 @@ class Classifier:
             return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port,
                               Initiator.INTERNAL if s.internal else Initiator.REMOTE, None,
                               _NO_GEO, s.zone, flow.first_ns, flow.last_ns, out_pk, out_by,
-                              in_pk, in_by, _INTERNAL)
+                              in_pk, in_by, _INTERNAL, server_name, name_source)
         if not s.internal and not d.internal:
             return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port, None, d.text,
                               self.resolver.lookup(d.text), None, flow.first_ns, flow.last_ns,
-                              out_pk, out_by, in_pk, in_by, _TRANSIT)
+                              out_pk, out_by, in_pk, in_by, _TRANSIT, server_name, name_source)
         if s.internal:
             initiator, internal, remote = Initiator.INTERNAL, src, d
         else:
@@ -142,21 +147,22 @@ class Classifier:
         zone = s.zone if s.internal else d.zone
         geo = self.resolver.lookup(remote.text)
         at = flow.first_ns if judged_at_ns is None else judged_at_ns
-        verdict = self.verdict(proto, internal, remote.text, dst_port, at, geo, zone)
+        verdict = self.verdict(proto, internal, remote.text, dst_port, at, geo, zone, names)
         return FlowRecord(cid, proto, s.text, src_port, d.text, dst_port, initiator, remote.text,
                           geo, zone, flow.first_ns, flow.last_ns, out_pk, out_by, in_pk, in_by,
-                          verdict)
+                          verdict, server_name, name_source)
 
     def verdict(self, proto: int, internal: bytes | None, remote_ip: str, service_port: int | None,
-                first_ns: int, geo: GeoInfo, zone: str | None) -> Verdict:
+                first_ns: int, geo: GeoInfo, zone: str | None,
+                names: tuple[str, ...] = ()) -> Verdict:
         """The policy's verdict, cached by everything it depends on."""
         epoch = bisect.bisect_right(self._expiries, first_ns)
-        key = (internal, zone, remote_ip, proto, service_port, epoch)
+        key = (internal, zone, remote_ip, proto, service_port, epoch, names)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         ep = FlowEndpoints(proto, ip_text(internal) if internal else None, remote_ip,
-                           service_port, first_ns)
+                           service_port, first_ns, names)
         result = self.policy.evaluate(ep, geo, zone)
         self._cache[key] = result
         if len(self._cache) > self._cache_size:

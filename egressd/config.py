@@ -556,6 +556,28 @@ _HOSTNAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_NAME_HELP: Final = ("expected a host name such as backup.vendor.example, or *.vendor.example "
+                     "for every name below vendor.example")
+
+
+def _server_name(value: object) -> str:
+    """A route's ``to.names`` entry: a host name or ``*.domain``, returned lower-case."""
+    if not isinstance(value, str):
+        raise _fail(_NAME_HELP)
+    name = value.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    rest = name[2:] if name.startswith("*.") else name
+    labels = rest.split(".")
+    if (not rest or len(rest) > 253 or not rest.isascii() or "*" in rest
+            or not all(_DNS_LABEL.fullmatch(label) for label in labels)):
+        raise _fail(_NAME_HELP)
+    if name.startswith("*.") and len(labels) < 2:
+        raise _fail(f"{_NAME_HELP}; a wildcard needs at least two labels after '*.'")
+    return name
+
+
 _LISTEN_HELP: Final = "expected HOST:PORT such as '127.0.0.1:9855' or '[::1]:9855'"
 
 
@@ -632,6 +654,7 @@ ZoneName = Annotated[str, BeforeValidator(_zone_name)]
 Interface = Annotated[str, BeforeValidator(_interface)]
 Listen = Annotated[str, BeforeValidator(_listen)]
 Url = Annotated[str, BeforeValidator(_url)]
+ServerName = Annotated[str, BeforeValidator(_server_name)]
 Seconds = Annotated[float, Field(gt=0)]
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
 Count = Annotated[int, Field(gt=0)]
@@ -650,11 +673,12 @@ class _To(_Model):
     countries: tuple[Country, ...] = ()
     networks: tuple[Cidr, ...] = ()
     asns: tuple[Asn, ...] = ()
+    names: tuple[ServerName, ...] = ()
 
     @model_validator(mode="after")
     def _something(self) -> _To:
-        if not (self.countries or self.networks or self.asns):
-            raise _fail("expected at least one of countries, networks or asns")
+        if not (self.countries or self.networks or self.asns or self.names):
+            raise _fail("expected at least one of countries, networks, asns or names")
         return self
 
 
@@ -772,6 +796,17 @@ class FlowsConfig(_Model):
         return _ns(self.active_timeout_seconds)
 
 
+class NamesConfig(_Model):
+    """``names:`` how server names are read off the wire (DNS, TLS SNI, QUIC)."""
+
+    enabled: bool = True
+    """Read server names; off: no names, and routes that list names never match."""
+    dns_entries: Count = 100_000
+    """(client, address) pairs whose DNS answers are remembered."""
+    hold_seconds: NonNegativeSeconds = 2.0
+    """How long a new TCP flow waits for its TLS ClientHello before it is decided."""
+
+
 class _FullDocument(_PolicyKeys):
     interfaces: tuple[Interface, ...] | None = None
     capture_filter: Text | None = "ip or ip6"
@@ -780,6 +815,7 @@ class _FullDocument(_PolicyKeys):
     metrics: Annotated[MetricsConfig, BeforeValidator(_section)] = MetricsConfig()
     alerts: Annotated[AlertsConfig, BeforeValidator(_section)] = AlertsConfig()
     flows: Annotated[FlowsConfig, BeforeValidator(_section)] = FlowsConfig()
+    names: Annotated[NamesConfig, BeforeValidator(_section)] = NamesConfig()
     sensor: Name | None = None
 
 
@@ -793,6 +829,7 @@ class _PolicyDocument(_PolicyKeys):
     metrics: Any = None
     alerts: Any = None
     flows: Any = None
+    names: Any = None
     sensor: Any = None
 
 
@@ -810,6 +847,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     flows: FlowsConfig = field(default_factory=FlowsConfig)
+    names: NamesConfig = field(default_factory=NamesConfig)
     sensor: str | None = None
     """Name of this sensor in alerts; None: the host name (see :attr:`sensor_name`)."""
 
@@ -842,7 +880,7 @@ _MISSING_HINTS: Final = {
     "home_countries": "the countries data may move freely between, such as [CN]",
     "name": "every route needs a unique name",
     "approval": "every route needs the reference of its consent or authority approval",
-    "to": "where the route leads: countries, networks and/or asns",
+    "to": "where the route leads: countries, networks, asns and/or names",
 }
 
 
@@ -993,6 +1031,7 @@ def _build_policy(
                 ports=raw.ports,
                 expires_ns=raw.expires,
                 line=route_line,
+                names=tuple(dict.fromkeys(raw.to.names)),
             )
         )
     if problems:
@@ -1086,6 +1125,7 @@ def parse_config(data: bytes, name: str, *, now: datetime | None = None) -> Conf
         metrics=parsed.metrics,
         alerts=parsed.alerts,
         flows=parsed.flows,
+        names=parsed.names,
         sensor=parsed.sensor,
     )
 
@@ -1140,6 +1180,7 @@ __all__ = [
     "GeoIPConfig",
     "IdleTimeouts",
     "MetricsConfig",
+    "NamesConfig",
     "format_key_path",
     "load_config",
     "load_policy",

@@ -5,9 +5,12 @@ capture instead of a file, with the wall clock instead of packet timestamps
 for timers.  Around them:
 
 * a flow's verdict is decided when the flow appears, so an alert goes out at
-  once; bytes keep being counted into the metrics while the flow lasts, and
-  a long flow is judged again every ``active_timeout`` (a route may expire,
-  or a reload may change the policy, while a week-long upload runs);
+  once — except that a new TCP flow waits for its first data (up to
+  ``names.hold_seconds``): when that is a TLS ClientHello, its alert carries
+  the server name and routes that list names can approve it; bytes keep
+  being counted into the metrics while the flow lasts, and a long flow is
+  judged again every ``active_timeout`` (a route may expire, or a reload may
+  change the policy, while a week-long upload runs);
 * SIGHUP reloads the config, policy and GeoIP databases all-or-nothing: a
   bad new config is logged and the old one keeps running; a GeoIP file
   replaced on disk (geoipupdate) is picked up without a signal;
@@ -39,7 +42,8 @@ from egressd.flows import Flow, FlowTable, FlowTimeouts
 from egressd.geo import CachedResolver, open_resolver
 from egressd.metrics import NO_LABEL, Metrics
 from egressd.metrics_http import MetricsServer, serve_metrics
-from egressd.model import FlowRecord, Initiator, VerdictKind
+from egressd.model import PROTO_TCP, FlowRecord, Initiator, NameSource, VerdictKind
+from egressd.names.tracker import NameTracker
 from egressd.notify import Notifier
 from egressd.policy import Policy
 from egressd.privileges import drop_privileges
@@ -53,6 +57,8 @@ GEOIP_CHECK_SECONDS = 2.0
 """How often the GeoIP files are checked for a replacement on disk (a stat() each)."""
 STOP_TIMEOUT_SECONDS = 20.0
 """Time given to the alert sinks to deliver what is pending at shutdown."""
+_HELD = "held"
+"""``Flow.verdict`` of a TCP flow that waits for its ClientHello before it is decided."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +137,9 @@ class Daemon:
         self.alerter: Alerter | None = None
         self.table: FlowTable | None = None
         self._active: deque[tuple[int, Flow]] = deque()
+        self._held: deque[tuple[int, Flow]] = deque()
+        self.names: NameTracker | None = None
+        self._names_seen: dict[str, int] = {}
         self._kernel_seen: dict[str, tuple[int, int]] = {}
         self.packets = 0
         self.alerts = 0
@@ -174,6 +183,7 @@ class Daemon:
             log.info("metrics on %s", self.metrics_server.url)
         self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
                                clock=self.clock)
+        self.names = self._name_tracker(config)
         self.table = FlowTable(_timeouts(config), on_new=self._on_new)
         watcher = self._start_watcher(config.policy)
         self._publish_static(rt)
@@ -240,11 +250,19 @@ class Daemon:
                 for reason, count in dec.error_counts().items():
                     m.decode_errors.labels(reason).inc(count)
                 before = dict(table.errors)
+                names = self.names
+                if names is not None:
+                    names.observe(batch, dec)
                 table.process(dec)
+                if names is not None:
+                    for flow in names.attach(table):
+                        self._renamed(flow)
                 for reason, count in table.errors.items():
                     if count != before.get(reason, 0):
                         m.decode_errors.labels(reason).inc(count - before.get(reason, 0))
                 self._drain(table)
+            if self._held:
+                self._release_held(self.clock())
             now = time.monotonic()
             self.notifier.watchdog(now)
             if now - last_tick >= TICK_SECONDS:
@@ -258,13 +276,56 @@ class Daemon:
 
     # -- per flow ----------------------------------------------------------------------
 
+    def _name_tracker(self, config: Config) -> NameTracker | None:
+        names = config.names
+        return (NameTracker(dns_entries=names.dns_entries, watch_payload=True)
+                if names.enabled else None)
+
     def _on_new(self, flow: Flow) -> None:
-        """Decide a new flow at once: metrics, and an alert when it is not approved."""
+        """Decide a new flow: metrics, and an alert when it is not approved.
+
+        A TCP flow without a name from its ClientHello yet is held for up to
+        ``names.hold_seconds`` (the ClientHello follows the handshake); every
+        other flow is decided at once.
+        """
         rt = self.rt
         assert rt is not None
-        record = rt.classifier.classify(flow)
-        self._decided(flow, record)
+        names = self.names
+        if names is not None:
+            names.on_new(flow)
+            hold = rt.config.names.hold_seconds
+            if hold > 0 and flow.proto == PROTO_TCP and (
+                    flow.name is None or flow.name.source is not NameSource.SNI) and (
+                    not names.sent_plain_data(flow)):
+                flow.verdict = _HELD
+                self._held.append((flow.first_ns + round(hold * 1e9), flow))
+                names.watch(flow)
+                return
+        self._decide_new(flow)
+
+    def _decide_new(self, flow: Flow) -> None:
+        rt = self.rt
+        assert rt is not None
+        if flow.verdict is _HELD and self.names is not None:
+            self.names.unwatch(flow)
+        self._decided(flow, rt.classifier.classify(flow))
         self._active.append((flow.first_ns + rt.config.flows.active_timeout_ns, flow))
+
+    def _renamed(self, flow: Flow) -> None:
+        """A flow got its name from a ClientHello, or its client sent data that is no
+        ClientHello: decide it now, or again."""
+        if flow.verdict is _HELD:
+            self._decide_new(flow)
+        elif isinstance(flow.verdict, _Live) and self.rt is not None:
+            self._decided(flow, self.rt.classifier.classify(flow))
+
+    def _release_held(self, now_ns: int) -> None:
+        """Decide the held flows whose wait is over (or that were decided meanwhile)."""
+        held = self._held
+        while held and (held[0][0] <= now_ns or held[0][1].verdict is not _HELD):
+            _, flow = held.popleft()
+            if flow.verdict is _HELD:
+                self._decide_new(flow)
 
     def _decided(self, flow: Flow, record: FlowRecord) -> None:
         out_dir = self._out_dir(flow, record)
@@ -302,7 +363,11 @@ class Daemon:
             return 1 - initiator_dir
         return initiator_dir
 
-    def _account(self, flow: Flow) -> None:
+    def _account(self, flow: Flow, *, ended: bool = False) -> None:
+        if flow.verdict is _HELD:
+            if not ended:
+                return  # counted once it is decided
+            self._decide_new(flow)  # ended (or evicted) before its wait was over
         live = flow.verdict
         if not isinstance(live, _Live):
             return
@@ -317,7 +382,7 @@ class Daemon:
 
     def _drain(self, table: FlowTable) -> None:
         for flow in table.finished:
-            self._account(flow)
+            self._account(flow, ended=True)
         table.finished.clear()
         limit = self.rt.config.flows.max_flows if self.rt else 0
         while limit and len(table) > limit:
@@ -325,7 +390,7 @@ class Daemon:
             if evicted is None:
                 break
             self.metrics.evictions.inc()
-            self._account(evicted)
+            self._account(evicted, ended=True)
             table.finished.clear()
 
     # -- timers ------------------------------------------------------------------------
@@ -353,6 +418,7 @@ class Daemon:
             self._decided(flow, rt.classifier.classify(flow, judged_at_ns=now_ns))
             self._active.append((now_ns + period, flow))
         self.metrics.active_flows.set(len(table))
+        self._publish_names()
         for iface, (packets, drops) in source.stats().items():
             seen = self._kernel_seen.get(iface, (0, 0))
             if packets > seen[0]:
@@ -361,6 +427,21 @@ class Daemon:
                 self.metrics.kernel_drops.labels(iface).inc(drops - seen[1])
             self._kernel_seen[iface] = (packets, drops)
         self.notifier.status(self._status())
+
+    def _publish_names(self) -> None:
+        names = self.names
+        if names is None:
+            return
+        m = self.metrics
+        for source in ("sni", "quic", "dns"):
+            delta = names.stats[source] - self._names_seen.get(source, 0)
+            if delta > 0:
+                m.names.labels(source).inc(delta)
+        delta = names.stats["dns_responses"] - self._names_seen.get("dns_responses", 0)
+        if delta > 0:
+            m.dns_responses.inc(delta)
+        self._names_seen = dict(names.stats)
+        m.dns_entries.set(len(names.dns))
 
     def _status(self) -> str:
         flows = len(self.table) if self.table is not None else 0
@@ -399,6 +480,16 @@ class Daemon:
         assert self.table is not None
         self.table.set_timeouts(_timeouts(new.config))
         oc, nc = old.config, new.config
+        if nc.names != oc.names:
+            # The DNS answers seen so far are kept unless the map's size changes.
+            if nc.names.enabled and self.names is not None and (
+                    nc.names.dns_entries == oc.names.dns_entries):
+                pass
+            else:
+                self.names = self._name_tracker(nc)
+                self._names_seen = {}
+            if self.names is None:
+                self._release_held(2**63 - 1)
         if nc.alerts != oc.alerts or nc.sensor_name != oc.sensor_name:
             if self.alerter is not None:
                 self.alerter.close(STOP_TIMEOUT_SECONDS)

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from egressd.decode.batch import Decoded
 from egressd.decode.linktypes import Err
 from egressd.decode.scalar import FRAG_FIRST, FRAG_LATER
-from egressd.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from egressd.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowName
 
 NS = 1_000_000_000
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -70,6 +70,18 @@ class FlowTimeouts:
         return int(self.other * NS)
 
 
+def flow_key(proto: int, version: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
+    """The table's key of the flow a TCP/UDP/SCTP packet belongs to (either direction).
+
+    ``src``/``dst`` are 16-byte addresses (IPv4 mapped).  The same layout as
+    the vectorized keys of :meth:`FlowTable.process`: 5 big-endian words.
+    """
+    if (dst, dport) < (src, sport):
+        src, sport, dst, dport = dst, dport, src, sport
+    return (((proto << 56) | (sport << 40) | (dport << 24) | (version << 16)).to_bytes(8, "big")
+            + src + dst)
+
+
 class Flow:
     """One live flow; owned by the table, read by the classifier when it ends.
 
@@ -79,7 +91,7 @@ class Flow:
 
     __slots__ = (
         "by0", "by1", "closing_at", "fin", "first_ns",
-        "icmp_code", "icmp_type", "initiator", "key", "last_ns", "pk0", "pk1", "proto",
+        "icmp_code", "icmp_type", "initiator", "key", "last_ns", "name", "pk0", "pk1", "proto",
         "syn_seen", "verdict", "version",
     )
 
@@ -98,6 +110,7 @@ class Flow:
         self.icmp_type = icmp_type
         self.icmp_code = icmp_code
         self.verdict: object = None  # set by a live classifier when it decides early
+        self.name: FlowName | None = None  # set by a NameTracker
 
     # Endpoints are read from the key when asked (once, when the flow is
     # classified) rather than stored: a table of a million flows is smaller.

@@ -63,6 +63,13 @@ class Metrics:
         self.alerts_suppressed = Counter(
             "egressd_alerts_suppressed", "Flows folded into an earlier alert of the same "
             "group within the suppression window", registry=r)
+        self.names = Counter("egressd_server_names",
+                             "Server names given to flows, by source (sni, quic, dns)",
+                             ["source"], registry=r)
+        self.dns_responses = Counter("egressd_dns_responses",
+                                     "DNS responses read for the passive DNS map", registry=r)
+        self.dns_entries = Gauge("egressd_dns_map_entries",
+                                 "(client, address) pairs in the passive DNS map", registry=r)
         self.geoip_build = Gauge("egressd_geoip_database_build_timestamp_seconds",
                                  "Build time of each GeoIP database in use",
                                  ["database", "type"], registry=r)

@@ -122,6 +122,30 @@ class Reason(StrEnum):
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
     PORT_NOT_ALLOWED = "port_not_allowed"
     NO_COUNTRY = "no_country"
+    NAME_NOT_ALLOWED = "name_not_allowed"
+    """The flow's server name is known, and the route lists names but not this one."""
+    NAME_UNKNOWN = "name_unknown"
+    """The route lists names, and the flow's server name is not known."""
+
+
+class NameSource(StrEnum):
+    """Where a flow's server name was read (``name_source``)."""
+
+    SNI = "sni"
+    """The server_name of the TLS ClientHello the client sent on this TCP flow."""
+    QUIC = "quic"
+    """The server_name of the ClientHello inside the flow's QUIC Initial packets."""
+    DNS = "dns"
+    """The name the client asked DNS for, whose answer was the remote address."""
+
+
+class FlowName(NamedTuple):
+    """The server name of one flow, and the names a route's ``names`` are matched against."""
+
+    server_name: str
+    source: NameSource
+    names: tuple[str, ...]
+    """``server_name`` and, when it is the head of a DNS CNAME chain, the rest of the chain."""
 
 
 class GeoInfo(NamedTuple):
@@ -165,6 +189,8 @@ class FlowEndpoints(NamedTuple):
     service_port: int | None
     """The responder's port (``dst_port``); None for protocols without ports."""
     first_seen_ns: int
+    names: tuple[str, ...] = ()
+    """The flow's server name(s) (:attr:`FlowName.names`); empty when none is known."""
 
 
 class FlowRecord(NamedTuple):
@@ -195,6 +221,9 @@ class FlowRecord(NamedTuple):
     packets_in: int
     bytes_in: int
     verdict: Verdict
+    server_name: str | None = None
+    """The remote's name (TLS SNI, QUIC SNI or the DNS name asked); None when unknown."""
+    name_source: NameSource | None = None
 
 
 class Alert(NamedTuple):

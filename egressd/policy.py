@@ -10,15 +10,24 @@ Evaluation order for one flow:
 
 1. The remote's country is a home country → ``domestic``.
 2. The routes, in file order: the first route whose destination (country,
-   network or ASN), source (``from``), protocol, service port and expiry all
-   match → ``approved`` with that route's name and approval reference.
+   network or ASN), source (``from``), server name (``names``), protocol,
+   service port and expiry all match → ``approved`` with that route's name and
+   approval reference.
 3. The remote has no country → ``unknown_country`` decides: ``unknown`` (reason
    ``no_country``), ``violation`` (reason ``no_country``) or ``approved``
    without a route.
 4. Otherwise ``violation``.  Its ``route`` is the first route whose destination
    matched but which failed on something else, and its ``reason`` says what
-   that route failed on first, checked in the order zone, protocol, port,
-   expiry (``no_route`` when no route's destination matched).
+   that route failed on first, checked in the order zone, name, protocol,
+   port, expiry (``no_route`` when no route's destination matched).
+
+A route that lists ``names`` needs the name *and* its location to match: a
+name can resolve to any address in any country, which is exactly the risk an
+export approval is about, so a name alone never moves data to a country the
+route does not list.  A route with ``names`` and no countries, networks or
+ASNs approves the names wherever they resolve (legal, with a load-time
+warning).  Flows whose name is not known (no DNS answer seen, an encrypted
+ClientHello) never match a route that lists names.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ class Route:
       ``asns``, or its address is in ``networks`` (any one is enough);
     * source: the internal address lies in a network of one of ``from_zones``
       or in one of ``from_networks``; both empty means any internal source;
+    * ``names`` (host names, or ``*.domain`` for any name below ``domain``) is
+      empty, or one of the flow's names matches one of them;
     * ``protocols`` (IP protocol numbers) contains the flow's protocol, or is None;
     * ``ports`` (sorted, merged inclusive ranges) contains the service port, or
       is None;
@@ -87,11 +98,54 @@ class Route:
     expires_ns: int | None = None
     line: int | None = None
     """Line of the route in the policy file, for warnings (None when built in code)."""
+    names: tuple[str, ...] = ()
+    """Lower-case host names and ``*.domain`` wildcards (empty: any name, or none)."""
 
     @property
     def any_source(self) -> bool:
         """True when the route has no ``from`` and so covers every internal source."""
         return not self.from_zones and not self.from_networks
+
+    @property
+    def any_location(self) -> bool:
+        """True when the route lists no country, network or ASN (a names-only route)."""
+        return not self.countries and not self.networks and not self.asns
+
+
+class NamePatterns:
+    """A route's ``names``: exact host names and ``*.domain`` wildcards.
+
+    ``*.vendor.example`` matches ``a.vendor.example`` and ``a.b.vendor.example``
+    (one label or more in place of the star) but not ``vendor.example`` itself,
+    as in TLS certificates' wildcards, except that a star may stand for several
+    labels: services move between sub-domains more often than approvals are
+    rewritten.  Names are compared lower-case, without a trailing dot.
+    """
+
+    __slots__ = ("exact", "suffixes")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        exact: set[str] = set()
+        suffixes: list[str] = []
+        for pattern in patterns:
+            pattern = pattern.lower().rstrip(".")
+            if pattern.startswith("*."):
+                suffixes.append(pattern[1:])
+            else:
+                exact.add(pattern)
+        self.exact = frozenset(exact)
+        self.suffixes = tuple(suffixes)
+
+    def match(self, names: Iterable[str]) -> bool:
+        """True when any of ``names`` matches any pattern."""
+        exact, suffixes = self.exact, self.suffixes
+        return any(n in exact or (suffixes and n.endswith(suffixes)) for n in names)
+
+    def covers(self, pattern: str) -> bool:
+        """True when every name ``pattern`` matches is also matched here."""
+        if pattern.startswith("*."):
+            return any(pattern[1:].endswith(s) for s in self.suffixes)
+        return self.match((pattern,))
 
 
 def merge_port_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -136,12 +190,16 @@ class _Compiled:
     """A route in the shape :meth:`Policy.evaluate` checks fastest."""
 
     __slots__ = (
+        "any_location",
         "approved",
         "asns",
         "countries",
         "dest_nets",
         "expired",
         "expires_ns",
+        "name_not_allowed",
+        "name_unknown",
+        "names",
         "port_ends",
         "port_not_allowed",
         "port_starts",
@@ -155,6 +213,7 @@ class _Compiled:
     def __init__(self, route: Route, zones: Mapping[str, tuple[IPNetwork, ...]]) -> None:
         self.countries = route.countries
         self.asns = route.asns
+        self.any_location = route.any_location
         self.dest_nets = NetworkSet(route.networks) if route.networks else None
         if route.any_source:
             self.src_nets: NetworkSet | None = None
@@ -162,6 +221,7 @@ class _Compiled:
             nets = [n for z in route.from_zones for n in zones[z]]
             self.src_nets = NetworkSet([*nets, *route.from_networks])
         self.src_zones = frozenset(route.from_zones)
+        self.names = NamePatterns(route.names) if route.names else None
         self.protocols = route.protocols
         if route.ports is None:
             self.port_starts: list[int] | None = None
@@ -174,6 +234,8 @@ class _Compiled:
         name = route.name
         self.approved = Verdict(VerdictKind.APPROVED, name, route.approval)
         self.zone_not_allowed = Verdict(VerdictKind.VIOLATION, name, reason=Reason.ZONE_NOT_ALLOWED)
+        self.name_not_allowed = Verdict(VerdictKind.VIOLATION, name, reason=Reason.NAME_NOT_ALLOWED)
+        self.name_unknown = Verdict(VerdictKind.VIOLATION, name, reason=Reason.NAME_UNKNOWN)
         self.protocol_not_allowed = Verdict(
             VerdictKind.VIOLATION, name, reason=Reason.PROTOCOL_NOT_ALLOWED
         )
@@ -320,12 +382,14 @@ class Policy:
                 asn is None or asn not in cr.asns
             ):
                 dest_nets = cr.dest_nets
-                if dest_nets is None:
+                if dest_nets is not None:
+                    if remote is _UNSET:
+                        remote = _pack_or_none(ep.remote_ip)
+                    if remote is None or not dest_nets.contains(remote):
+                        continue
+                elif not cr.any_location:
                     continue
-                if remote is _UNSET:
-                    remote = _pack_or_none(ep.remote_ip)
-                if remote is None or not dest_nets.contains(remote):
-                    continue
+                # else: a names-only route, whose location is anywhere
             # The destination matches: now source zone, protocol, port, expiry.
             src_nets = cr.src_nets
             if src_nets is not None:
@@ -338,6 +402,16 @@ class Policy:
                 if not source_ok:
                     if failed is None:
                         failed = cr.zone_not_allowed
+                    continue
+            names = cr.names
+            if names is not None:
+                if not ep.names:
+                    if failed is None:
+                        failed = cr.name_unknown
+                    continue
+                if not names.match(ep.names):
+                    if failed is None:
+                        failed = cr.name_not_allowed
                     continue
             protocols = cr.protocols
             if protocols is not None and ep.proto not in protocols:
@@ -383,6 +457,11 @@ class Policy:
                             "internal_networks: its addresses count as remote, not as this zone"
                         )
         for index, route in enumerate(self.routes):
+            if route.names and route.any_location:
+                warnings.append(
+                    f"{self._where(index)}: lists names but no countries, networks or ASNs: "
+                    "it approves those names wherever they resolve, in any country"
+                )
             if route.expires_ns is not None and route.expires_ns <= now_ns:
                 warnings.append(
                     f"{self._where(index)}: expired at {ns_to_text(route.expires_ns)}; "
@@ -403,9 +482,21 @@ class Policy:
 
     def _covers(self, first: Route, later: Route) -> bool:
         """True when ``first`` approves every flow that ``later`` would approve."""
-        if not later.countries <= first.countries or not later.asns <= first.asns:
+        if first.names:
+            if not later.names:
+                return False
+            patterns = NamePatterns(first.names)
+            if not all(patterns.covers(p) for p in later.names):
+                return False
+        if first.any_location and first.names:
+            pass  # anywhere: covers every location of the later route
+        elif not later.countries <= first.countries or not later.asns <= first.asns:
             return False
-        if not all(any(_within(n, m) for m in first.networks) for n in later.networks):
+        elif later.any_location and later.names:
+            return False  # the later route reaches places the earlier one does not
+        if not (first.any_location and first.names) and not all(
+            any(_within(n, m) for m in first.networks) for n in later.networks
+        ):
             return False
         if not first.any_source:
             if later.any_source:

@@ -120,6 +120,8 @@ def flow_json(f: FlowRecord) -> dict[str, Any]:
         "dst_port": f.dst_port,
         "initiator": f.initiator.value if f.initiator is not None else None,
         "remote_ip": f.remote_ip,
+        "server_name": f.server_name,
+        "name_source": f.name_source.value if f.name_source is not None else None,
         "country": f.geo.country,
         "registered_country": f.geo.registered_country,
         "asn": f.geo.asn,
@@ -183,6 +185,7 @@ def flow_line(f: FlowRecord) -> str:
         f'"src_ip":"{f.src_ip}","src_port":{_jn(f.src_port)},'
         f'"dst_ip":"{f.dst_ip}","dst_port":{_jn(f.dst_port)},'
         f'"initiator":{_js(f.initiator)},"remote_ip":{_js(f.remote_ip)},'
+        f'"server_name":{_js(f.server_name)},"name_source":{_js(f.name_source)},'
         f'{_fragment(f.geo)},"zone":{_js(f.zone)},'
         f'"first_seen":"{rfc3339(f.first_seen_ns)}","last_seen":"{rfc3339(f.last_seen_ns)}",'
         f'"packets_out":{f.packets_out},"bytes_out":{f.bytes_out},'

@@ -331,6 +331,7 @@ _FINDING_COLUMNS = (
     ("internal", "internal host", False),
     ("zone", "zone", False),
     ("remote", "remote", False),
+    ("server_name", "server name", False),
     ("proto", "proto", False),
     ("country", "country", False),
     ("asn", "ASN", True),
@@ -368,6 +369,8 @@ def _findings_section(found: list[FlowRecord]) -> str:
             "internal": internal,
             "zone": f.zone or "",
             "remote": remote,
+            "server_name": (f"{f.server_name} ({f.name_source.value})"
+                            if f.server_name is not None and f.name_source is not None else ""),
             "proto": str(proto_name(f.proto)),
             "country": f.geo.country or "",
             "asn": "" if f.geo.asn is None else str(f.geo.asn),

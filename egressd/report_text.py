@@ -100,8 +100,8 @@ def write_text(result: AuditResult, out: IO[str], *, color: bool = False,
     findings.sort(key=lambda f: (-f.bytes_out, f.first_seen_ns, f.community_id))
     table = Table(title=f"Violations and unknown-country exports ({len(findings)})",
                   title_justify="left")
-    for col in ("verdict", "reason", "route", "zone", "internal", "remote", "country", "proto",
-                "bytes out", "first seen"):
+    for col in ("verdict", "reason", "route", "zone", "internal", "remote", "name", "country",
+                "proto", "bytes out", "first seen"):
         table.add_column(col, justify="right" if col == "bytes out" else "left")
     for f in findings[:MAX_ROWS]:
         table.add_row(*_finding_row(f))
@@ -143,12 +143,19 @@ def _finding_row(f: FlowRecord) -> list[str]:
     if f.proto in (PROTO_ICMP, PROTO_ICMPV6):  # type/code are no service port
         return [v.verdict.value, v.reason.value if v.reason else "-", v.route or "-",
                 f.zone or "-", f.src_ip if f.initiator is Initiator.INTERNAL else f.dst_ip,
-                f.remote_ip or "-", f.geo.country or "??", str(proto_name(f.proto)),
+                f.remote_ip or "-", _name(f), f.geo.country or "??", str(proto_name(f.proto)),
                 _human(f.bytes_out), rfc3339(f.first_seen_ns)]
     if f.initiator is Initiator.REMOTE:
         internal, remote = _endpoint(f.dst_ip, f.dst_port), _endpoint(f.src_ip, None)
     else:
         internal, remote = f.src_ip, _endpoint(f.dst_ip, f.dst_port)
     return [v.verdict.value, v.reason.value if v.reason else "-", v.route or "-", f.zone or "-",
-            internal, remote, f.geo.country or "??", str(proto_name(f.proto)),
+            internal, remote, _name(f), f.geo.country or "??", str(proto_name(f.proto)),
             _human(f.bytes_out), rfc3339(f.first_seen_ns)]
+
+
+def _name(f: FlowRecord) -> str:
+    """The remote's name and where it was read: ``api.vendor.example (sni)``."""
+    if f.server_name is None or f.name_source is None:
+        return "-"
+    return f"{f.server_name} ({f.name_source.value})"

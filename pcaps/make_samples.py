@@ -2,12 +2,12 @@
 
 Every sample ``NAME.pcap`` / ``NAME.pcapng`` gets ``NAME.expected.json`` beside
 it: the policy to audit it with, the exit status, packet count, damage, decode
-errors, verdict counts and every flow with its counters and verdict.  The
-expectations are worked out here from the packets as they are built (IP
-lengths, who sent what), from the registry country of each remote address
-(``iptocc``, asserted where the address is chosen so that a change of that
-data is noticed when regenerating) and from the documented policy semantics,
-never by running egressd.
+errors, verdict counts and every flow with its counters, server name and
+verdict.  The expectations are worked out here from the packets as they are
+built (IP lengths, who sent what, the DNS answers and ClientHellos sent), from
+the registry country of each remote address (``iptocc``, asserted where the
+address is chosen so that a change of that data is noticed when regenerating)
+and from the documented policy semantics, never by running egressd.
 
 Output is deterministic: fixed timestamps from 2026-03-01T08:00:00Z, fixed
 addresses, ports, sequence numbers and payloads.  Run it again after changing
@@ -33,6 +33,10 @@ from typing import Any
 
 import iptocc
 import yaml
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -184,6 +188,18 @@ def _ports(items: list[object]) -> list[tuple[int, int]]:
     return out
 
 
+def _host(name: str) -> str:
+    """A server name as reports give it: lower-case, no trailing dot."""
+    return name.lower().rstrip(".")
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """``pattern`` is a host name or ``*.domain`` (one or more labels before ``domain``)."""
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
 class PolicyModel:
     """Just enough of a policy to state what each sample flow must get."""
 
@@ -207,15 +223,20 @@ class PolicyModel:
         return None
 
     def evaluate(self, proto: str, internal_ip: str, remote_ip: str, service_port: int,
-                 first_ns: int) -> tuple[str, str | None, str | None]:
+                 first_ns: int, names: tuple[str, ...] = ()
+                 ) -> tuple[str, str | None, str | None]:
         country = iptocc.country_code(remote_ip)
         if country in self.home:
             return "domestic", None, None
         failed: tuple[str, str | None, str | None] | None = None
         for route in self.routes:
             to = route["to"]
-            dest = (country is not None and country in to.get("countries", [])) or \
-                _contains([_net(n) for n in to.get("networks", [])], remote_ip)
+            patterns = [_host(str(n)) for n in to.get("names") or []]
+            if to.get("countries") or to.get("networks") or to.get("asns"):
+                dest = (country is not None and country in to.get("countries", [])) or \
+                    _contains([_net(n) for n in to.get("networks", [])], remote_ip)
+            else:
+                dest = bool(patterns)  # a names-only route: its location is anywhere
             if not dest:
                 continue
             problem = None
@@ -225,6 +246,11 @@ class PolicyModel:
                                                      else [_net(s)])]
                 if not _contains(nets, internal_ip):
                     problem = "zone_not_allowed"
+            if problem is None and patterns:
+                if not names:
+                    problem = "name_unknown"
+                elif not any(_name_matches(n, p) for n in names for p in patterns):
+                    problem = "name_not_allowed"
             protocols = route.get("protocols")
             if problem is None and protocols is not None and PROTO_NUMBERS.get(proto, proto) \
                     not in [PROTO_NUMBERS.get(str(p).lower(), p) for p in protocols]:
@@ -264,6 +290,28 @@ class Flow:
     packets: list[tuple[bool, int]] = field(default_factory=list)
     """(from initiator, IP bytes) per packet."""
     first_ns: int | None = None
+    hello: tuple[str, str] | None = None
+    """The server name of the ClientHello the initiator sent, and ``sni`` or ``quic``."""
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    """One address a DNS response gave a client, as passive DNS must remember it."""
+
+    ts_ns: int
+    client: str
+    address: str
+    chain: tuple[str, ...]
+    """The question name, then each CNAME target followed to the address."""
+    ttl: int
+    """Seconds: the least TTL along the chain, at most a day."""
+
+    def covers(self, t_ns: int) -> bool:
+        return self.ts_ns <= t_ns <= self.ts_ns + max(self.ttl, 60) * SEC
+
+
+Rr = tuple[str, str, int, str]
+"""A DNS answer record: owner name, type (A, AAAA, CNAME), TTL, data."""
 
 
 @dataclass
@@ -290,6 +338,48 @@ class Sample:
         self.decode_errors: Counter[str] = Counter()
         self.truncated = False
         self._ip_id = 0x1000
+        self.dns_answers: list[DnsAnswer] = []
+
+    # -- names --------------------------------------------------------------
+
+    def remember_dns(self, ts_ns: int, client: str, qname: str, rrs: list[Rr]) -> None:
+        """A DNS response sent to ``client`` at ``ts_ns``: note each address it gives."""
+        name = _host(qname)
+        chain, ttls = [name], []
+        while True:
+            for owner, rtype, ttl, rdata in rrs:
+                if _host(owner) == name and rtype in ("A", "AAAA"):
+                    self.dns_answers.append(DnsAnswer(
+                        ts_ns, str(ipaddress.ip_address(client)),
+                        str(ipaddress.ip_address(rdata)), tuple(chain),
+                        min([*ttls, ttl, 86400])))
+            cname = next(((rdata, ttl) for owner, rtype, ttl, rdata in rrs
+                          if _host(owner) == name and rtype == "CNAME"), None)
+            if cname is None or _host(cname[0]) in chain:
+                return
+            name = _host(cname[0])
+            chain.append(name)
+            ttls.append(cname[1])
+
+    def dns_chain(self, f: Flow) -> tuple[str, ...]:
+        """The DNS chain that names flow ``f``: its client's answer, else anyone's."""
+        assert f.first_ns is not None
+        valid = [a for a in self.dns_answers
+                 if a.address == f.dst_ip and a.covers(f.first_ns)]
+        for pool in ([a for a in valid if a.client == f.src_ip], valid):
+            if pool:
+                return max(pool, key=lambda a: a.ts_ns).chain
+        return ()
+
+    def names_of(self, f: Flow) -> tuple[str | None, str | None, tuple[str, ...]]:
+        """(server_name, name_source, the names routes are matched with) of flow ``f``."""
+        chain = self.dns_chain(f)
+        if f.hello is not None:
+            name, source = f.hello
+            return name, source, chain if chain and chain[0] == name else (name,)
+        if chain:
+            return chain[0], "dns", chain
+        return None, None, ()
 
     # -- building ---------------------------------------------------------
 
@@ -346,6 +436,7 @@ class Sample:
         p_resp = len(f.packets) - p_init
         b_resp = sum(n for d, n in f.packets if not d)
         assert f.first_ns is not None
+        server_name, name_source, names = self.names_of(f)
         if multicast or (src_int and dst_int):
             # Both ends ours (or a group address): the zone and initiator of such
             # a flow are left open by the contract, so they are not stated.
@@ -359,7 +450,7 @@ class Sample:
             internal, remote = (f.src_ip, f.dst_ip) if src_int else (f.dst_ip, f.src_ip)
             country = iptocc.country_code(remote)
             verdict, route, reason = pol.evaluate(f.proto, internal, remote, f.dst_port,
-                                                  f.first_ns)
+                                                  f.first_ns, names)
             if src_int:
                 po, bo, pi, bi = p_init, b_init, p_resp, b_resp
             else:
@@ -368,6 +459,7 @@ class Sample:
                        country=country, zone=pol.zone_of(internal), packets_out=po,
                        bytes_out=bo, packets_in=pi, bytes_in=bi, verdict=verdict,
                        route=route, reason=reason)
+        out.update(server_name=server_name, name_source=name_source)
         if f.intent is not None and f.intent != _intent_of(out):
             raise SystemExit(f"{self.name}: flow {f.src_ip}:{f.src_port} -> {f.dst_ip}:"
                              f"{f.dst_port} ({f.proto}) is meant to be {f.intent} but the "
@@ -531,8 +623,11 @@ class Tcp:
 
     def data(self, from_init: bool, nbytes: int, seed: int = 0) -> Tcp:
         """``nbytes`` from one side in MSS-sized segments, ACKed every second segment."""
-        body = payload(nbytes, seed or self.f.src_port + nbytes)
-        segs = [body[i:i + self.mss] for i in range(0, nbytes, self.mss)]
+        return self.send(from_init, payload(nbytes, seed or self.f.src_port + nbytes))
+
+    def send(self, from_init: bool, body: bytes) -> Tcp:
+        """``body`` from one side in MSS-sized segments, ACKed every second segment."""
+        segs = [body[i:i + self.mss] for i in range(0, len(body), self.mss)]
         for i, seg in enumerate(segs):
             last = i == len(segs) - 1
             self._send(from_init, "PA" if last else "A", seg, gap_ns=MS // 2)
@@ -540,6 +635,11 @@ class Tcp:
                 self.t += self.half
                 self._send(not from_init, "A", gap_ns=MS)
         return self
+
+    def client_hello(self, server_name: str, size: int = 0) -> Tcp:
+        """A TLS ClientHello record naming ``server_name`` (padded to ``size`` bytes)."""
+        self.f.hello = (_host(server_name), "sni")
+        return self.send(True, tls_record(client_hello(server_name, size)))
 
     def request_response(self, request: int, response: int) -> Tcp:
         return self.data(True, request).data(False, response)
@@ -571,14 +671,123 @@ def dns_answer(qid: int, qname: str, qtype: str, rdatas: list[Any]) -> Packet:
 def dns(s: Sample, f: Flow, t_ns: int, qname: str, answer: str, link: Link = ETH,
         qtype: str = "A") -> int:
     """One DNS query and its answer (UDP)."""
+    return resolve(s, f, t_ns, qname, [(qname, qtype, 300, answer)], link, qtype)
+
+
+def resolve(s: Sample, f: Flow, t_ns: int, qname: str, rrs: list[Rr], link: Link = ETH,
+            qtype: str = "A") -> int:
+    """One DNS query and its answer (UDP) with the records ``rrs``; returns the answer's time."""
     qid = (f.src_port * 31) & 0xFFFF
     q = ip_layer(s, f.src_ip, f.dst_ip) / UDP(sport=f.src_port, dport=f.dst_port) / \
         dns_query(qid, qname, qtype)
     s.emit(f, True, t_ns, q, link)
-    r = ip_layer(s, f.dst_ip, f.src_ip) / UDP(sport=f.dst_port, dport=f.src_port) / \
-        dns_answer(qid, qname, qtype, [answer])
+    r = ip_layer(s, f.dst_ip, f.src_ip) / UDP(sport=f.dst_port, dport=f.src_port) / DNS(
+        id=qid, qr=1, rd=1, ra=1, qd=DNSQR(qname=qname, qtype=qtype),
+        an=[DNSRR(rrname=owner, type=rtype, ttl=ttl, rdata=rdata)
+            for owner, rtype, ttl, rdata in rrs])
     s.emit(f, False, t_ns + 18 * MS, r, link)
+    s.remember_dns(t_ns + 18 * MS, f.src_ip, qname, rrs)
     return t_ns + 18 * MS
+
+
+# ---------------------------------------------------------------------------
+# TLS ClientHello and QUIC Initial (RFC 8446, RFC 9000 / 9001)
+# ---------------------------------------------------------------------------
+
+
+def _u8(data: bytes) -> bytes:
+    return struct.pack("!B", len(data)) + data
+
+
+def _u16(data: bytes) -> bytes:
+    return struct.pack("!H", len(data)) + data
+
+
+def _ext(ext_type: int, data: bytes) -> bytes:
+    return struct.pack("!H", ext_type) + _u16(data)
+
+
+def client_hello(server_name: str, size: int = 0, *, quic: bool = False) -> bytes:
+    """A TLS 1.3 ClientHello handshake message (no record header) naming ``server_name``.
+
+    Fixed random, session id and key share.  ``size``: pad (extension 21) so that
+    the TLS record carrying the message is ``size`` bytes long.
+    """
+    host = server_name.encode("ascii")
+    suites = b"".join(struct.pack("!H", c) for c in (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F))
+    exts = [
+        _ext(0, _u16(b"\x00" + _u16(host))),  # server_name: one host_name entry
+        _ext(10, _u16(struct.pack("!HH", 0x001D, 0x0017))),  # supported_groups
+        _ext(13, _u16(struct.pack("!HHH", 0x0403, 0x0804, 0x0401))),  # signature_algorithms
+        _ext(16, _u16(_u8(b"h3" if quic else b"h2"))),  # ALPN
+        _ext(43, _u8(struct.pack("!H", 0x0304) + (b"" if quic else struct.pack("!H", 0x0303)))),
+        _ext(45, _u8(b"\x01")),  # psk_key_exchange_modes: psk_dhe_ke
+        _ext(51, _u16(struct.pack("!H", 0x001D) + _u16(payload(32, 51)))),  # key_share
+    ]
+    if quic:  # quic_transport_parameters: initial_max_data, initial_source_connection_id
+        exts.append(_ext(0x39, b"\x04\x04\x80\x10\x00\x00" + b"\x0f" + _u8(QUIC_SCID)))
+    body = struct.pack("!H", 0x0303) + payload(32, 32) + _u8(payload(32, 33)) + \
+        _u16(suites) + _u8(b"\x00")
+    unpadded = 5 + 4 + len(body) + 2 + sum(len(e) for e in exts)
+    if size:
+        assert size >= unpadded + 4, (size, unpadded)
+        exts.append(_ext(21, bytes(size - unpadded - 4)))
+    body += _u16(b"".join(exts))
+    return b"\x01" + struct.pack("!I", len(body))[1:] + body
+
+
+def tls_record(handshake: bytes) -> bytes:
+    """``handshake`` in one TLS handshake record (legacy record version 0x0301)."""
+    return b"\x16\x03\x01" + _u16(handshake)
+
+
+QUIC_V1_SALT = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")
+QUIC_DCID = bytes.fromhex("8394c8f03e515708")
+QUIC_SCID = bytes.fromhex("c3a1e5f7092b4d6f")
+
+
+def _hkdf_label(secret: bytes, label: str, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 7.1) with SHA-256 and an empty context."""
+    info = struct.pack("!H", length) + _u8(b"tls13 " + label.encode()) + _u8(b"")
+    return HKDFExpand(algorithm=hashes.SHA256(), length=length, info=info).derive(secret)
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x40:
+        return struct.pack("!B", n)
+    if n < 0x4000:
+        return struct.pack("!H", 0x4000 | n)
+    return struct.pack("!I", 0x80000000 | n)
+
+
+def quic_initial(server_name: str, datagram: int = 1200) -> bytes:
+    """A client's QUIC v1 Initial packet: a ClientHello in a CRYPTO frame, padded to
+    ``datagram`` bytes, protected with the Initial keys of the fixed DCID (RFC 9001 5)."""
+    extract = hmac.HMAC(QUIC_V1_SALT, hashes.SHA256())
+    extract.update(QUIC_DCID)
+    client = _hkdf_label(extract.finalize(), "client in", 32)
+    key, iv, hp = (_hkdf_label(client, "quic key", 16), _hkdf_label(client, "quic iv", 12),
+                   _hkdf_label(client, "quic hp", 16))
+    pn, pn_len = 0, 1
+    hello = client_hello(server_name, quic=True)
+    frames = b"\x06" + _varint(0) + _varint(len(hello)) + hello  # CRYPTO at offset 0
+    head = struct.pack("!BI", 0xC0 | (pn_len - 1), 1) + _u8(QUIC_DCID) + _u8(QUIC_SCID) + \
+        _varint(0)  # Initial, version 1, no token
+    head_len = len(head) + 2 + pn_len  # with a 2-byte Length field
+    plain_len = datagram - head_len - 16
+    assert len(frames) <= plain_len
+    frames += bytes(plain_len - len(frames))  # PADDING frames
+    head += struct.pack("!H", 0x4000 | (pn_len + plain_len + 16)) + pn.to_bytes(pn_len, "big")
+    nonce = (int.from_bytes(iv, "big") ^ pn).to_bytes(12, "big")
+    sealed = AESGCM(key).encrypt(nonce, frames, head)
+    sample = sealed[4 - pn_len:4 - pn_len + 16]
+    enc = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+    mask = enc.update(sample) + enc.finalize()
+    first = bytes([head[0] ^ (mask[0] & 0x0F)])
+    pn_bytes = bytes(b ^ m for b, m in zip(head[-pn_len:], mask[1:1 + pn_len], strict=True))
+    packet = first + head[1:-pn_len] + pn_bytes + sealed
+    assert len(packet) == datagram
+    return packet
 
 
 def ntp_packet(mode: int, t_ns: int) -> bytes:
@@ -942,6 +1151,8 @@ def ipv6_ext() -> Sample:
     r = IPv6(src=US_V6_DNS, dst=me, hlim=52) / UDP(sport=53, dport=45003) / \
         dns_answer(0x4503, "example.com", "AAAA", ["2606:2800:21f:cb07:6820:80da:af6b:8b2c"])
     s.emit(f, False, t + 4 * SEC + 20 * MS, r)
+    s.remember_dns(t + 4 * SEC + 20 * MS, me, "example.com",
+                   [("example.com", "AAAA", 300, "2606:2800:21f:cb07:6820:80da:af6b:8b2c")])
     f = s.flow("tcp", me, 45004, cc("2400:8500::10", "JP"), 443, "violation/route_expired")
     Tcp(s, f, t + 6 * SEC, mss=1440, wrap=chain(atomic)).handshake() \
         .request_response(300, 700).close()
@@ -958,6 +1169,8 @@ def ipv6_ext() -> Sample:
         pkt = IPv6(src=src, dst=dst, hlim=64 if from_init else 52) / hbh() / dst_opt() / \
             srh(dst) / atomic() / ah() / dst_opt() / UDP(sport=sport, dport=dport) / msg
         s.emit(f, from_init, ts, fix_ah(pkt))
+    s.remember_dns(t + 10 * SEC + 9 * MS, me, "www.taobao.com",
+                   [("www.taobao.com", "AAAA", 300, CN_V6)])
     # A UDP datagram too big for one packet: two fragments, the second without ports.
     f = s.flow("udp", me, 45007, cc("2400:da00::6666", "CN"), 4500, "domestic")
     whole = IPv6(src=me, dst=f.dst_ip, hlim=64) / UDP(sport=45007, dport=4500) / Raw(
@@ -1096,9 +1309,142 @@ def truncated() -> Sample:
     return s
 
 
+NAMES_POLICY = """\
+# Policy for the sample capture names (written by make_samples.py).
+# Same format as examples/policy.yaml; see docs/configuration.md.
+home_countries: [CN]
+
+zones:
+  customer-data:
+    - 10.20.0.0/16
+
+routes:
+  # The backup vendor in Hong Kong, by name: its own host and its file servers.
+  - name: vendor-backup
+    approval: SAMPLE-NAMES-1
+    from: [customer-data]
+    to:
+      countries: [HK]
+      names: [backup.vendor.example, "*.files.vendor.example"]
+    protocols: [tcp, udp]
+    ports: [443]
+
+  # Static content from a CDN, wherever it is served from (names only).
+  - name: cdn-static
+    approval: SAMPLE-NAMES-2
+    to:
+      names: [static.cdn.example]
+"""
+
+
+def plain_request(seed: int) -> bytes:
+    """A request that is not TLS: nothing in it names the server."""
+    return b"PUT /chunks/0001 HTTP/1.1\r\nContent-Length: 256\r\n\r\n" + payload(256, seed)
+
+
+def names_sample() -> Sample:
+    s = Sample(
+        "names", "pcap",
+        "Server names (Ethernet): DNS answers with CNAME chains and TTLs, TLS ClientHellos "
+        "(one split over two TCP segments) and a QUIC v1 Initial, judged by a route that "
+        "lists names with its country and by a names-only route. Names from DNS (per "
+        "client, then any client; the latest valid answer), SNI and QUIC; a wildcard; no "
+        "name; an answer after the flow started; expired answers (TTL, 60 s floor, least "
+        "TTL of a chain); domain fronting (the SNI counts, not the DNS name).",
+        "pcaps/names.policy.yaml", NAMES_POLICY)
+    t = START_NS
+    resolver = "10.20.0.53"
+    hk = [cc(f"1.36.60.{i}", "HK") for i in range(1, 14)]
+    backup = [("backup.vendor.example", "A", 300, "")]
+    api_chain = [("api.backup-vendor.example", "CNAME", 300, "backup.vendor.example"),
+                 ("backup.vendor.example", "A", 300, "")]
+
+    def ask(client: str, sport: int, t_ns: int, qname: str, rrs: list[Rr], addr: str) -> int:
+        f = s.flow("udp", client, sport, CN_DNS, 53, "domestic")
+        return resolve(s, f, t_ns, qname, [(o, ty, ttl, r or addr) for o, ty, ttl, r in rrs])
+
+    def plain(client: str, sport: int, remote: str, t_ns: int, intent: str) -> None:
+        f = s.flow("tcp", client, sport, remote, 443, intent)
+        Tcp(s, f, t_ns, rtt_ms=12).handshake().send(True, plain_request(sport)) \
+            .data(False, 400).close()
+
+    def tls(client: str, sport: int, remote: str, t_ns: int, sni: str, intent: str,
+            size: int = 517) -> None:
+        f = s.flow("tcp", client, sport, remote, 443, intent)
+        Tcp(s, f, t_ns, rtt_ms=12).handshake().client_hello(sni, size) \
+            .data(False, 1300).data(True, 120).close()
+
+    # a. The client's DNS answer names the flow; the chain's CNAME target is approved.
+    #    A later answer for the same address to another client does not count: the
+    #    client's own answer comes first.
+    a = "10.20.1.1"
+    ask(a, 50001, t, "api.backup-vendor.example", api_chain, hk[0])
+    ask(resolver, 50100, t + 300 * MS, "mirror.files.vendor.example",
+        [("mirror.files.vendor.example", "A", 300, "")], hk[0])
+    plain(a, 41001, hk[0], t + SEC, "approved/vendor-backup")
+    # b. A ClientHello of 1800 bytes in two TCP segments.
+    tls("10.20.1.2", 41002, hk[1], t + 5 * SEC, "backup.vendor.example",
+        "approved/vendor-backup", size=1800)
+    # c. The wildcard covers names below files.vendor.example, not that name itself.
+    tls("10.20.1.3", 41003, hk[2], t + 8 * SEC, "eu.files.vendor.example",
+        "approved/vendor-backup")
+    tls("10.20.1.3", 41004, hk[3], t + 10 * SEC, "files.vendor.example",
+        "violation/name_not_allowed")
+    # d. No DNS answer, no ClientHello: no name.
+    plain("10.20.1.4", 41005, hk[4], t + 12 * SEC, "violation/name_unknown")
+    # e. QUIC v1 Initial.
+    f = s.flow("udp", "10.20.1.5", 41006, hk[5], 443, "approved/vendor-backup")
+    q0 = t + 14 * SEC
+    s.emit(f, True, q0, ip_layer(s, f.src_ip, f.dst_ip) / UDP(sport=41006, dport=443) / Raw(
+        quic_initial("backup.vendor.example")))
+    f.hello = ("backup.vendor.example", "quic")
+    for i, (from_init, n) in enumerate([(False, 1200), (False, 900), (True, 60), (False, 400)]):
+        src, dst = (f.src_ip, f.dst_ip) if from_init else (f.dst_ip, f.src_ip)
+        sport, dport = (41006, 443) if from_init else (443, 41006)
+        short = b"\x41" + QUIC_DCID + payload(n - 9, 60 + i)  # 1-RTT short header
+        s.emit(f, from_init, q0 + (i + 1) * 15 * MS,
+               ip_layer(s, src, dst) / UDP(sport=sport, dport=dport) / Raw(short))
+    # f. The answer comes after the flow's first packet.
+    plain("10.20.1.6", 41007, hk[6], t + 16 * SEC, "violation/name_unknown")
+    ask("10.20.1.6", 50002, t + 17 * SEC, "backup.vendor.example", backup, hk[6])
+    # g. Expiry: TTL 30 s lasts 60 s; past it no name.  A chain lasts as long as its
+    #    least TTL (the CNAME's 90 s here, not the address record's hour).
+    g = "10.20.1.7"
+    ans = ask(g, 50003, t + 20 * SEC, "backup.vendor.example",
+              [("backup.vendor.example", "A", 30, "")], hk[7])
+    plain(g, 41008, hk[7], ans + 61 * SEC, "violation/name_unknown")
+    ans = ask(g, 50004, t + 22 * SEC, "backup.vendor.example",
+              [("backup.vendor.example", "A", 30, "")], hk[8])
+    plain(g, 41009, hk[8], ans + 45 * SEC, "approved/vendor-backup")
+    ans = ask(g, 50005, t + 24 * SEC, "api.backup-vendor.example",
+              [("api.backup-vendor.example", "CNAME", 90, "backup.vendor.example"),
+               ("backup.vendor.example", "A", 3600, "")], hk[9])
+    plain(g, 41010, hk[9], ans + 100 * SEC, "violation/name_unknown")
+    # h. Domain fronting: resolved as the approved name, the TLS session asks for another.
+    ask("10.20.1.8", 50006, t + 30 * SEC, "backup.vendor.example", backup, hk[10])
+    tls("10.20.1.8", 41011, hk[10], t + 31 * SEC, "evil.example",
+        "violation/name_not_allowed")
+    # i. The client's own query went to the internal resolver (not captured): the
+    #    resolver's upstream answers name the flow, the latest of them.
+    ask(resolver, 50101, t + 34 * SEC, "legacy.vendor.example",
+        [("legacy.vendor.example", "A", 300, "")], hk[11])
+    ask(resolver, 50102, t + 35 * SEC, "backup.vendor.example", backup, hk[11])
+    plain("10.20.1.9", 41012, hk[11], t + 36 * SEC, "approved/vendor-backup")
+    # j. The names-only route, in the US: with the name, and without any.
+    tls("10.20.1.10", 41013, cc("52.84.0.10", "US"), t + 40 * SEC, "static.cdn.example",
+        "approved/cdn-static")
+    plain("10.20.1.10", 41014, cc("52.84.0.11", "US"), t + 42 * SEC,
+          "violation/name_unknown")
+    # k. The SNI is the head of the client's DNS chain: the chain still counts.
+    ask("10.20.1.11", 50007, t + 45 * SEC, "api.backup-vendor.example", api_chain, hk[12])
+    tls("10.20.1.11", 41015, hk[12], t + 46 * SEC, "api.backup-vendor.example",
+        "approved/vendor-backup")
+    return s
+
+
 def all_samples() -> list[Sample]:
     return [demo(), vlan_qinq(), *linktype_samples(), ipv6_ext(), fragments(), tcp_reuse(),
-            nanosecond_be(), truncated()]
+            nanosecond_be(), truncated(), names_sample()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from egressd.alerts.alertmanager import alert_annotations, alert_labels
 from egressd.alerts.sinks import AlertRejected
 from egressd.config import AlertsConfig
 from egressd.metrics import Metrics
-from egressd.model import Alert, Reason, VerdictKind
+from egressd.model import Alert, NameSource, Reason, VerdictKind
 
 FAST = SpoolOptions(backoff_initial=0.02, backoff_max=0.1, idle_poll=0.05, lock_wait=2.0)
 
@@ -127,6 +127,21 @@ def test_labels_and_annotations_of_a_violation() -> None:
     assert notes["description"].startswith("10.20.1.7 sent 3200 bytes to 81.2.69.142 (GB)")
     assert "summary" in notes
     assert all(isinstance(v, str) and v for v in notes.values())
+    assert "server_name" not in notes and "name_source" not in notes  # none known
+
+
+def test_annotations_carry_the_server_name_but_labels_do_not() -> None:
+    a = Alert(flow(reason=Reason.NAME_NOT_ALLOWED, route="gb-crm",
+                   server_name="api.crm-vendor.example", name_source=NameSource.QUIC),
+              "gw1", "eth0", "grp", T0, 1)
+    notes = alert_annotations(a)
+    assert (notes["server_name"], notes["name_source"]) == ("api.crm-vendor.example", "quic")
+    assert notes["description"].startswith(
+        "10.20.1.7 sent 3200 bytes to api.crm-vendor.example (81.2.69.142, GB): violation "
+        "name_not_allowed")
+    labels = alert_labels(a)
+    assert labels["reason"] == "name_not_allowed"
+    assert "api.crm-vendor.example" not in labels.values()
 
 
 def test_labels_of_unknown_leave_empty_values_out() -> None:

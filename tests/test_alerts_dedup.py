@@ -32,6 +32,7 @@ from egressd.model import (
     FlowRecord,
     GeoInfo,
     Initiator,
+    NameSource,
     Reason,
     Verdict,
     VerdictKind,
@@ -55,6 +56,8 @@ def flow(
     first_ns: int = T0,
     initiator: Initiator = Initiator.INTERNAL,
     dst_port: int | None = 443,
+    server_name: str | None = None,
+    name_source: NameSource | None = None,
 ) -> FlowRecord:
     """A decided flow from internal ``src`` to remote ``dst`` (or the reverse for REMOTE)."""
     internal, remote = src, dst
@@ -67,6 +70,7 @@ def flow(
         first_seen_ns=first_ns, last_seen_ns=first_ns + 2 * SEC,
         packets_out=10, bytes_out=bytes_out, packets_in=8, bytes_in=900,
         verdict=Verdict(verdict, route, None, reason),
+        server_name=server_name, name_source=name_source,
     )
 
 

@@ -24,7 +24,7 @@ from egressd.alerts.sinks import (
     syslog_message,
 )
 from egressd.config import AlertsConfig
-from egressd.model import Alert, Reason, VerdictKind
+from egressd.model import Alert, NameSource, Reason, VerdictKind
 from egressd.report import flow_json
 
 GROUP = "violation|10.20.1.7|81.2.69.0/24||no_route"
@@ -187,7 +187,8 @@ def test_syslog_message_has_every_part(syslog_socket: tuple[str, socket.socket])
     path, receiver = syslog_socket
     sink = SyslogSink(path)
     sink.deliver([alert(route='gb "crm" \\ [x]', zone="customer-data",
-                        reason=Reason.ZONE_NOT_ALLOWED)])
+                        reason=Reason.ZONE_NOT_ALLOWED, server_name="api.crm-vendor.example",
+                        name_source=NameSource.SNI)])
     got = parse_5424(receiver.recv(65536))
     assert got == {
         "pri": 3 * 8 + 4,
@@ -204,9 +205,11 @@ def test_syslog_message_has_every_part(syslog_socket: tuple[str, socket.socket])
             "route": 'gb "crm" \\ [x]',
             "reason": "zone_not_allowed",
             "community_id": "1:LQU9qZlK+B5F3KDmev6m5PMibrg=",
+            "server_name": "api.crm-vendor.example",
+            "name_source": "sni",
         },
-        "msg": '10.20.1.7 sent 3200 bytes to 81.2.69.142 (GB): violation zone_not_allowed '
-               '(route gb "crm" \\ [x])',
+        "msg": '10.20.1.7 sent 3200 bytes to api.crm-vendor.example (81.2.69.142, GB): '
+               'violation zone_not_allowed (route gb "crm" \\ [x])',
     }
     assert list(got["params"]) == list(SD_PARAMS)  # type: ignore[call-overload]
     sink.close()

@@ -21,7 +21,7 @@ from egressd.alerts.sinks import AlertRejected
 from egressd.alerts.spool import COMMIT_FILE, backoff_delay
 from egressd.config import AlertsConfig
 from egressd.metrics import Metrics
-from egressd.model import Alert, GeoInfo, Initiator, Reason, Verdict, VerdictKind
+from egressd.model import Alert, GeoInfo, Initiator, NameSource, Reason, Verdict, VerdictKind
 
 FAST = SpoolOptions(batch_size=4, backoff_initial=0.01, backoff_max=0.05, idle_poll=0.05,
                     lock_wait=2.0)
@@ -72,13 +72,17 @@ TEXT = st.one_of(st.none(), st.text(max_size=8))
 @given(country=TEXT, zone=TEXT, route=TEXT, sensor=st.text(max_size=8), iface=TEXT,
        port=st.one_of(st.none(), st.integers(0, 65535)), count=st.integers(1, 10**6),
        reason=st.one_of(st.none(), st.sampled_from(list(Reason))),
-       initiator=st.one_of(st.none(), st.sampled_from(list(Initiator))))
+       initiator=st.one_of(st.none(), st.sampled_from(list(Initiator))),
+       name=st.one_of(st.none(), st.tuples(st.text(max_size=8),
+                                           st.sampled_from(list(NameSource)))))
 def test_encode_decode_round_trip(country: str | None, zone: str | None, route: str | None,
                                   sensor: str, iface: str | None, port: int | None, count: int,
-                                  reason: Reason | None, initiator: Initiator | None) -> None:
+                                  reason: Reason | None, initiator: Initiator | None,
+                                  name: tuple[str, NameSource] | None) -> None:
     rec = flow(zone=zone, route=route, dst_port=port, reason=reason)._replace(
         geo=GeoInfo(country, None, None, zone), initiator=initiator,
-        verdict=Verdict(VerdictKind.UNKNOWN, route, zone, reason))
+        verdict=Verdict(VerdictKind.UNKNOWN, route, zone, reason),
+        server_name=name[0] if name else None, name_source=name[1] if name else None)
     a = Alert(rec, sensor, iface, "grp\n|x", 12345, count)
     line = encode_alert(a)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -90,6 +94,14 @@ def test_encode_decode_round_trip(country: str | None, zone: str | None, route: 
 def test_decode_refuses_damaged_lines(line: bytes) -> None:
     with pytest.raises(ValueError):
         decode_alert(line)
+
+
+def test_spool_lines_written_before_names_existed_still_decode() -> None:
+    obj = json.loads(encode_alert(alert(1)))
+    del obj["flow"]["server_name"], obj["flow"]["name_source"]
+    got = decode_alert(json.dumps(obj).encode())
+    assert (got.record.server_name, got.record.name_source) == (None, None)
+    assert got == alert(1)
 
 
 def test_decode_refuses_wrong_types() -> None:

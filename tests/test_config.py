@@ -76,7 +76,7 @@ def route_with(old: str, new: str) -> str:
 
 TOP_KEYS = (
     "home_countries, internal_networks, zones, unknown_country, routes, interfaces, "
-    "capture_filter, promiscuous, geoip, metrics, alerts, flows, sensor"
+    "capture_filter, promiscuous, geoip, metrics, alerts, flows, names, sensor"
 )
 ROUTE_KEYS = "name, approval, from, to, protocols, ports, expires"
 
@@ -141,7 +141,7 @@ BAD: list[tuple[str, str | bytes, str]] = [
         "unknown key in to",
         route_with("      countries:", "      country:"),
         "policy.yaml:9: routes[0].to.country: unknown key (expected one of: countries, "
-        "networks, asns)",
+        "networks, asns, names)",
     ),
     (
         "unknown daemon key",
@@ -175,13 +175,44 @@ BAD: list[tuple[str, str | bytes, str]] = [
         "route without to",
         route_with("    to:\n      countries: [HK]\n", ""),
         "policy.yaml:5: routes[0].to: required key is missing (where the route leads: "
-        "countries, networks and/or asns)",
+        "countries, networks, asns and/or names)",
     ),
     (
         "to with nothing",
         route_with("      countries: [HK]\n", "      countries: []\n      asns: []\n"),
         "policy.yaml:9: routes[0].to: {'countries': [], 'asns': []}: expected at least one of "
-        "countries, networks or asns",
+        "countries, networks, asns or names",
+    ),
+    (
+        "route name pattern with a star inside a label",
+        route_with("      countries: [HK]\n",
+                   "      countries: [HK]\n      names: ['b*.vendor.example']\n"),
+        "policy.yaml:10: routes[0].to.names[0]: 'b*.vendor.example': expected a host name such "
+        "as backup.vendor.example, or *.vendor.example for every name below vendor.example",
+    ),
+    (
+        "route name wildcard over a top-level domain",
+        route_with("      countries: [HK]\n", "      countries: [HK]\n      names: ['*.com']\n"),
+        "policy.yaml:10: routes[0].to.names[0]: '*.com': expected a host name such as "
+        "backup.vendor.example, or *.vendor.example for every name below vendor.example; a "
+        "wildcard needs at least two labels after '*.'",
+    ),
+    (
+        "route name that is not a string",
+        route_with("      countries: [HK]\n", "      countries: [HK]\n      names: [443]\n"),
+        "policy.yaml:10: routes[0].to.names[0]: 443: expected a host name such as "
+        "backup.vendor.example, or *.vendor.example for every name below vendor.example",
+    ),
+    (
+        "names section key typo",
+        "home_countries: [CN]\nnames:\n  hold_second: 1\n",
+        "policy.yaml:3: names.hold_second: unknown key (expected one of: enabled, dns_entries, "
+        "hold_seconds)",
+    ),
+    (
+        "negative hold",
+        "home_countries: [CN]\nnames:\n  hold_seconds: -1\n",
+        "policy.yaml:3: names.hold_seconds: -1: expected a number of at least 0",
     ),
     (
         "approval read as a number",

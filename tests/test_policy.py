@@ -663,3 +663,118 @@ def test_evaluate_agrees_with_reference(
         ep = FlowEndpoints(proto, internal, remote, port, seen)
         geo = GeoInfo(country, asn=asn)
         assert pol.evaluate(ep, geo, None) == reference(pol, ep, geo)
+
+
+# -- routes by server name ----------------------------------------------------------
+
+NAMES = """\
+home_countries: [CN]
+zones:
+  customer-data: [10.20.0.0/16]
+  corp: [10.30.0.0/16]
+routes:
+  - name: vendor-backup
+    approval: CAC-2026-7
+    from: [customer-data]
+    to:
+      countries: [HK]
+      names: [backup.vendor.example, "*.files.vendor.example"]
+    protocols: [tcp]
+    ports: [443]
+  - name: cdn-anywhere
+    approval: DPA-9
+    to:
+      names: [static.cdn.example]
+"""
+HK = GeoInfo("HK", "HK")
+US = GeoInfo("US", "US")
+
+
+def named(names: tuple[str, ...], *, internal: str = "10.20.1.1", proto: int = PROTO_TCP,
+          port: int = 443) -> FlowEndpoints:
+    return FlowEndpoints(proto, internal, "198.51.100.7", port, T_2026, names)
+
+
+@pytest.mark.parametrize(
+    ("ep", "geo", "expected"),
+    [
+        # Name and location match.
+        (named(("backup.vendor.example",)), HK,
+         Verdict(APPROVED, "vendor-backup", "CAC-2026-7")),
+        # A wildcard stands for one label or more, never for the domain itself.
+        (named(("eu.files.vendor.example",)), HK,
+         Verdict(APPROVED, "vendor-backup", "CAC-2026-7")),
+        (named(("a.b.files.vendor.example",)), HK,
+         Verdict(APPROVED, "vendor-backup", "CAC-2026-7")),
+        (named(("files.vendor.example",)), HK,
+         Verdict(VIOLATION, "vendor-backup", reason=Reason.NAME_NOT_ALLOWED)),
+        # Any name of the CNAME chain may match.
+        (named(("api.customer.example", "backup.vendor.example")), HK,
+         Verdict(APPROVED, "vendor-backup", "CAC-2026-7")),
+        # A known name the route does not list; no name at all.
+        (named(("evil.example",)), HK,
+         Verdict(VIOLATION, "vendor-backup", reason=Reason.NAME_NOT_ALLOWED)),
+        (named(()), HK, Verdict(VIOLATION, "vendor-backup", reason=Reason.NAME_UNKNOWN)),
+        # The right name in the wrong country: the located route does not match; the
+        # names-only route is the first whose location (anywhere) matched.
+        (named(("backup.vendor.example",)), US,
+         Verdict(VIOLATION, "cdn-anywhere", reason=Reason.NAME_NOT_ALLOWED)),
+        # Order of reasons: zone before name, name before protocol and port.
+        (named((), internal="10.30.1.1"), HK,
+         Verdict(VIOLATION, "vendor-backup", reason=Reason.ZONE_NOT_ALLOWED)),
+        (named(("evil.example",), proto=PROTO_UDP), HK,
+         Verdict(VIOLATION, "vendor-backup", reason=Reason.NAME_NOT_ALLOWED)),
+        (named(("backup.vendor.example",), port=22), HK,
+         Verdict(VIOLATION, "vendor-backup", reason=Reason.PORT_NOT_ALLOWED)),
+        # A names-only route approves its names in any country ...
+        (named(("static.cdn.example",), internal="10.30.1.1"), US,
+         Verdict(APPROVED, "cdn-anywhere", "DPA-9")),
+        # ... and it is the first route whose (any) location matched for other names.
+        (named(("evil.example",), internal="10.30.1.1"), US,
+         Verdict(VIOLATION, "cdn-anywhere", reason=Reason.NAME_NOT_ALLOWED)),
+        (named((), internal="10.30.1.1"), US,
+         Verdict(VIOLATION, "cdn-anywhere", reason=Reason.NAME_UNKNOWN)),
+        # Home countries come before every route.
+        (named(("evil.example",)), GeoInfo("CN", "CN"), Verdict(VerdictKind.DOMESTIC)),
+    ],
+)
+def test_routes_by_name(ep: FlowEndpoints, geo: GeoInfo, expected: Verdict) -> None:
+    assert load(NAMES).evaluate(ep, geo, None) == expected
+
+
+def test_right_name_in_a_country_no_route_lists() -> None:
+    pol = load(NAMES.split("  - name: cdn-anywhere")[0])
+    assert pol.evaluate(named(("backup.vendor.example",)), US, None) == Verdict(
+        VIOLATION, reason=Reason.NO_ROUTE)
+
+
+def test_route_names_are_normalized_and_names_only_routes_warn() -> None:
+    pol = load(NAMES.replace("backup.vendor.example", "Backup.Vendor.Example."))
+    assert pol.routes[0].names == ("backup.vendor.example", "*.files.vendor.example")
+    assert pol.warnings == [
+        "policy.yaml:14: routes[1] ('cdn-anywhere'): lists names but no countries, networks "
+        "or ASNs: it approves those names wherever they resolve, in any country"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shadowed"),
+    [
+        ("to: {countries: [HK], names: ['*.v.example']}\n",
+         "to: {countries: [HK], names: [a.v.example, '*.x.v.example']}\n", True),
+        ("to: {countries: [HK]}\n", "to: {countries: [HK], names: [a.v.example]}\n", True),
+        ("to: {names: ['*.v.example']}\n", "to: {countries: [HK], names: [a.v.example]}\n", True),
+        # An exact name does not cover a wildcard; a wildcard not its own domain.
+        ("to: {countries: [HK], names: [a.v.example]}\n",
+         "to: {countries: [HK], names: ['*.a.v.example']}\n", False),
+        ("to: {countries: [HK], names: ['*.v.example']}\n",
+         "to: {countries: [HK], names: [v.example]}\n", False),
+        # A route with names does not cover one without; a located one not a names-only one.
+        ("to: {countries: [HK], names: [a.v.example]}\n", "to: {countries: [HK]}\n", False),
+        ("to: {countries: [HK], names: [a.v.example]}\n", "to: {names: [a.v.example]}\n", False),
+    ],
+)
+def test_shadowing_with_names(first: str, second: str, shadowed: bool) -> None:
+    pol = policy_with_routes(("first", first), ("second", second))
+    found = [w for w in pol.warnings if "shadowed by" in w]
+    assert bool(found) is shadowed, pol.warnings

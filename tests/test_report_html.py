@@ -159,9 +159,13 @@ def test_violation_table_rows_are_the_json_findings(demo: dict[str, Any]) -> Non
     assert len(page.rows) == len(expected) > 0
     # Each row's bytes column is the flow's exact bytes_out (largest first by default).
     by_id = {f["community_id"]: f for f in expected}
-    sizes = [int(cells[10]) for cells in page.row_cells]
+    sizes = [int(cells[11]) for cells in page.row_cells]
     assert sizes == [by_id[cid]["bytes_out"] for cid in page.rows]
     assert sizes == sorted(sizes, reverse=True)
+    # The server name column: the flow's name and where it was read.
+    names = [cells[6] for cells in page.row_cells]
+    assert names == [f"{by_id[cid]['server_name']} ({by_id[cid]['name_source']})"
+                     if by_id[cid]["server_name"] else "" for cid in page.rows]
     # Flows that sent nothing out are no findings.
     silent = [f["community_id"] for f in demo["report"]["flows"]
               if f["verdict"] in ("violation", "unknown") and f["bytes_out"] == 0]
@@ -275,8 +279,8 @@ def _dump_dom(chromium: str, url: str, profile: Path) -> str:
 
 
 @pytest.mark.parametrize(("fragment", "key"), [
-    ("#sort=bytes_out:asc", lambda cells: int(cells[10])),
-    ("#sort=bytes_out:desc", lambda cells: -int(cells[10])),
+    ("#sort=bytes_out:asc", lambda cells: int(cells[11])),
+    ("#sort=bytes_out:desc", lambda cells: -int(cells[11])),
     ("#sort=remote:asc", lambda cells: cells[5]),
 ])
 def test_fragment_sorts_the_table_after_js(chromium: str, demo: dict[str, Any],
@@ -400,7 +404,7 @@ def devtools(chromium: str, tmp_path: Path) -> Any:
 ROW_BYTES = ("Array.from(document.querySelectorAll('#findings-table tbody tr'))"
              ".map(r => Number(r.getAttribute('data-bytes')))")
 ROW_COUNTRIES = ("Array.from(document.querySelectorAll('#findings-table tbody tr'))"
-                 ".map(r => r.cells[7].textContent)")
+                 ".map(r => r.cells[8].textContent)")
 
 
 def test_click_sort_screenshot_and_no_network(devtools: DevTools, demo: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ identifies an alert by its label set; egressd's labels are
                two groups with the same country and reason stay two alerts
 
 Annotations carry the details of the latest flow (``summary``,
-``description``, ``community_id``, ``remote_ip``, ``bytes_out``,
+``description``, ``community_id``, ``remote_ip``, ``server_name``, ``name_source``, ``bytes_out``,
 ``first_seen``, ``count``, …).
 
 **Firing and resolving.**  Every alert has ``startsAt`` (when it was raised)
@@ -103,6 +103,8 @@ def alert_annotations(alert: Alert) -> dict[str, str]:
         "community_id": rec.community_id,
         "internal_ip": internal_ip(rec),
         "remote_ip": rec.remote_ip or rec.dst_ip,
+        "server_name": rec.server_name or "",
+        "name_source": rec.name_source.value if rec.name_source is not None else "",
         "dst_port": "" if rec.dst_port is None else str(rec.dst_port),
         "bytes_out": str(rec.bytes_out),
         "first_seen": rfc3339(rec.first_seen_ns),

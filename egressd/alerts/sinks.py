@@ -137,12 +137,15 @@ def suppressed_flows(alert: Alert) -> int:
 def summary(record: FlowRecord) -> str:
     """One line for humans.
 
-    ``10.20.1.7 sent 3200 bytes to 81.2.69.142 (GB): violation no_route``
+    ``10.20.1.7 sent 3200 bytes to 81.2.69.142 (GB): violation no_route``, or with the
+    remote's server name ``… to api.vendor.example (81.2.69.142, GB): …``
     """
     v = record.verdict
     remote = record.remote_ip if record.remote_ip is not None else record.dst_ip
     country = record.geo.country or "no country"
-    text = f"{internal_ip(record)} sent {record.bytes_out} bytes to {remote} ({country}): "
+    where = (f"{record.server_name} ({remote}, {country})" if record.server_name
+             else f"{remote} ({country})")
+    text = f"{internal_ip(record)} sent {record.bytes_out} bytes to {where}: "
     text += v.verdict.value
     if v.reason is not None:
         text += f" {v.reason.value}"
@@ -265,7 +268,8 @@ SEVERITY_WARNING = 4
 SEVERITY_NOTICE = 5
 SD_ID = "egressd@32473"
 """SD-ID of the structured data element (32473: the example enterprise number of RFC 5612)."""
-SD_PARAMS = ("verdict", "country", "zone", "route", "reason", "community_id")
+SD_PARAMS = ("verdict", "country", "zone", "route", "reason", "community_id", "server_name",
+             "name_source")
 APP_NAME = "egressd"
 MSGID = "EGRESS"
 _BOM = "\ufeff"
@@ -311,6 +315,8 @@ def syslog_message(
         "route": v.route,
         "reason": v.reason.value if v.reason is not None else None,
         "community_id": rec.community_id,
+        "server_name": rec.server_name,
+        "name_source": rec.name_source.value if rec.name_source is not None else None,
     }
     params = "".join(
         f' {name}="{sd_escape(value)}"' for name, value in values.items() if value is not None

@@ -60,6 +60,7 @@ from egressd.model import (
     FlowRecord,
     GeoInfo,
     Initiator,
+    NameSource,
     Reason,
     Verdict,
     VerdictKind,
@@ -124,6 +125,8 @@ def encode_alert(alert: Alert) -> bytes:
             "dst_port": r.dst_port,
             "initiator": r.initiator.value if r.initiator is not None else None,
             "remote_ip": r.remote_ip,
+            "server_name": r.server_name,
+            "name_source": r.name_source.value if r.name_source is not None else None,
             "geo": {"country": g.country, "registered_country": g.registered_country,
                     "asn": g.asn, "as_org": g.as_org},
             "zone": r.zone,
@@ -164,6 +167,7 @@ def decode_alert(line: bytes) -> Alert:
     v = _get(f, "verdict", dict)
     initiator = _get(f, "initiator", str, True)
     reason = _get(v, "reason", str, True)
+    source = _get(f, "name_source", str, True)
     record = FlowRecord(
         community_id=_get(f, "community_id", str),
         proto=_get(f, "proto", int),
@@ -185,6 +189,8 @@ def decode_alert(line: bytes) -> Alert:
         verdict=Verdict(VerdictKind(_get(v, "verdict", str)), _get(v, "route", str, True),
                         _get(v, "approval", str, True),
                         Reason(reason) if reason is not None else None),
+        server_name=_get(f, "server_name", str, True),
+        name_source=NameSource(source) if source is not None else None,
     )
     return Alert(record, _get(obj, "sensor", str), _get(obj, "interface", str, True),
                  _get(obj, "group", str), _get(obj, "raised_ns", int),

@@ -73,6 +73,10 @@ class Decoded:
     frag: npt.NDArray[np.uint8]
     frag_id: npt.NDArray[np.int64]
     linktypes: npt.NDArray[np.uint16]
+    l4: npt.NDArray[np.int64]
+    """Where the transport header starts in the batch buffer (-1: none)."""
+    l4_end: npt.NDArray[np.int64]
+    """Where the IP payload ends in the batch buffer (the IP length, or the capture's end)."""
 
     def __len__(self) -> int:
         return int(self.err.shape[0])
@@ -147,7 +151,8 @@ def _columns(n: int) -> tuple[Any, ...]:
             np.zeros((n, 2), dtype=np.uint64), np.zeros((n, 2), dtype=np.uint64),
             np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32),
             np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64),
-            np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64))
+            np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64),
+            np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64))
 
 
 def decode_batch(batch: RecordBatch) -> Decoded:
@@ -224,8 +229,7 @@ def decode_batch(batch: RecordBatch) -> Decoded:
     err[badver] = E_BAD_VER
     live = err == 0
 
-    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id = _columns(n)
-    l4 = np.zeros(n, dtype=np.int64)
+    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id, l4, l4_end = _columns(n)
     want_ports = np.zeros(n, dtype=bool)
 
     # IPv4
@@ -268,6 +272,7 @@ def decode_batch(batch: RecordBatch) -> Decoded:
         err[i4[hdr_short]] = E_TRUNC_IP
         go = notlater & ~hdr_short
         l4[i4[go]] = p[go] + ihl[go]
+        l4_end[i4[go]] = np.minimum(end[i4[go]], p[go] + total[go])
         want_ports[i4[go]] = True
 
     # IPv6
@@ -294,6 +299,7 @@ def decode_batch(batch: RecordBatch) -> Decoded:
         dst[i6] = words[:, 2:4]
         ipb[i6] = np.where(plen == 0, wire_total, plen + 40)
         l4[i6] = p + 40
+        l4_end[i6] = np.maximum(p + 40, np.minimum(end[i6], p + ipb[i6]))
         want_ports[i6] = True
 
     # ---- transport ports --------------------------------------------------
@@ -323,7 +329,7 @@ def decode_batch(batch: RecordBatch) -> Decoded:
     slow = np.flatnonzero(err == E_SCALAR)
     if slow.size:
         _scalar_rows(batch, slow, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
-                     frag_id)
+                     frag_id, l4, l4_end)
     # Rows that failed carry no fields, so both paths agree on every column.
     failed = err != 0
     if failed.any():
@@ -335,8 +341,10 @@ def decode_batch(batch: RecordBatch) -> Decoded:
         dport[failed] = -1
         src[failed] = 0
         dst[failed] = 0
+        l4[failed] = -1
+        l4_end[failed] = -1
     return Decoded(batch.ts_ns, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
-                   frag_id, ltypes)
+                   frag_id, ltypes, l4, l4_end)
 
 
 def _scalar_rows(batch: RecordBatch, rows: Arr, err: npt.NDArray[np.uint8],
@@ -344,7 +352,8 @@ def _scalar_rows(batch: RecordBatch, rows: Arr, err: npt.NDArray[np.uint8],
                  src: npt.NDArray[np.uint64], dst: npt.NDArray[np.uint64],
                  sport: npt.NDArray[np.int32], dport: npt.NDArray[np.int32],
                  flags: npt.NDArray[np.uint8], ipb: npt.NDArray[np.int64],
-                 frag: npt.NDArray[np.uint8], frag_id: npt.NDArray[np.int64]) -> None:
+                 frag: npt.NDArray[np.uint8], frag_id: npt.NDArray[np.int64],
+                 l4: npt.NDArray[np.int64], l4_end: npt.NDArray[np.int64]) -> None:
     for i in rows.tolist():
         pkt = decode_packet(int(batch.linktypes[i]), batch.packet(i), int(batch.wirelens[i]))
         if isinstance(pkt, str):
@@ -361,6 +370,9 @@ def _scalar_rows(batch: RecordBatch, rows: Arr, err: npt.NDArray[np.uint8],
         ipb[i] = pkt.ip_bytes
         frag[i] = pkt.frag
         frag_id[i] = pkt.frag_id
+        base = int(batch.offsets[i])
+        l4[i] = base + pkt.l4 if pkt.l4 >= 0 else -1
+        l4_end[i] = base + pkt.l4_end if pkt.l4_end >= 0 else -1
 
 
 def decode_scalar_batch(batch: RecordBatch) -> Decoded:
@@ -371,8 +383,8 @@ def decode_scalar_batch(batch: RecordBatch) -> Decoded:
     n = len(batch)
     rows = np.arange(n, dtype=np.int64)
     err = np.zeros(n, dtype=np.uint8)
-    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id = _columns(n)
+    version, proto, src, dst, sport, dport, flags, ipb, frag, frag_id, l4, l4_end = _columns(n)
     _scalar_rows(batch, rows, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
-                 frag_id)
+                 frag_id, l4, l4_end)
     return Decoded(batch.ts_ns, err, version, proto, src, dst, sport, dport, flags, ipb, frag,
-                   frag_id, batch.linktypes)
+                   frag_id, batch.linktypes, l4, l4_end)

@@ -68,6 +68,10 @@ class Packet(NamedTuple):
     ip_bytes: int
     frag: int
     frag_id: int
+    l4: int = -1
+    """Offset of the transport header in the packet bytes (-1: later fragment)."""
+    l4_end: int = -1
+    """Where the IP payload ends in the packet bytes: the IP length, or less if cut short."""
 
 
 def _l3(linktype: int, data: bytes) -> tuple[int, int] | str:
@@ -185,7 +189,7 @@ def _ipv4(data: bytes, off: int, wirelen: int) -> Packet | str:
     more = fragword & 0x2000
     frag_id = _U16.unpack_from(data, off + 4)[0]
     if frag_off:
-        return Packet(4, proto, src, dst, -1, -1, 0, total, FRAG_LATER, frag_id)
+        return Packet(4, proto, src, dst, -1, -1, 0, total, FRAG_LATER, frag_id, -1, -1)
     frag = FRAG_FIRST if more else FRAG_NONE
     if len(data) < off + ihl:
         return Err.TRUNCATED_IP
@@ -193,7 +197,7 @@ def _ipv4(data: bytes, off: int, wirelen: int) -> Packet | str:
     if isinstance(ports, str):
         return ports
     return Packet(4, proto, src, dst, ports[0], ports[1], ports[2], total, frag,
-                  frag_id if frag else 0)
+                  frag_id if frag else 0, off + ihl, min(len(data), off + total))
 
 
 def _ipv6(data: bytes, off: int, wirelen: int) -> Packet | str:
@@ -221,7 +225,7 @@ def _ipv6(data: bytes, off: int, wirelen: int) -> Packet | str:
             nh = data[pos]
             pos += 8
             if word & 0xFFF8:  # offset > 0: a later fragment, no transport header here
-                return Packet(6, nh, src, dst, -1, -1, 0, total, FRAG_LATER, fid)
+                return Packet(6, nh, src, dst, -1, -1, 0, total, FRAG_LATER, fid, -1, -1)
             if word & 1:
                 frag, frag_id = FRAG_FIRST, fid
             continue
@@ -231,4 +235,5 @@ def _ipv6(data: bytes, off: int, wirelen: int) -> Packet | str:
     ports = _ports(nh, data, pos) if pos <= n else Err.TRUNCATED_IPV6_EXT
     if isinstance(ports, str):
         return ports
-    return Packet(6, nh, src, dst, ports[0], ports[1], ports[2], total, frag, frag_id)
+    return Packet(6, nh, src, dst, ports[0], ports[1], ports[2], total, frag, frag_id, pos,
+                  max(pos, min(n, off + total)))
