@@ -10,7 +10,16 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.model import FlowRecord, GeoInfo, GeoSource, Initiator, Reason, Verdict, VerdictKind
+from egressd.model import (
+    FlowRecord,
+    GeoInfo,
+    GeoSource,
+    Initiator,
+    NameSource,
+    Reason,
+    Verdict,
+    VerdictKind,
+)
 from egressd.report import AuditResult, CaptureSummary, flow_json, flow_line, rfc3339, write_json
 from egressd.report_text import write_text
 
@@ -38,6 +47,8 @@ def records(draw: st.DrawFn) -> FlowRecord:
         packets_in=draw(st.integers(0, 10**9)), bytes_in=draw(st.integers(0, 10**15)),
         verdict=Verdict(verdict, draw(TEXT), draw(TEXT),
                         draw(st.one_of(st.none(), st.sampled_from(list(Reason))))),
+        server_name=draw(TEXT),
+        name_source=draw(st.one_of(st.none(), st.sampled_from(list(NameSource)))),
     )
 
 
@@ -65,7 +76,9 @@ def _rec(verdict: VerdictKind, country: str | None, out: int) -> FlowRecord:
 def _result() -> AuditResult:
     cap = CaptureSummary("a.pcap", "00" * 32, "pcap", [1], 10, 999, 10**18, 10**18 + 5, False,
                          None, Counter({"non_ip": 2}))
-    flows = [_rec(VerdictKind.VIOLATION, "US", 100), _rec(VerdictKind.DOMESTIC, "CN", 50),
+    flows = [_rec(VerdictKind.VIOLATION, "US", 100)._replace(
+                 server_name="api.crm-vendor.example", name_source=NameSource.QUIC),
+             _rec(VerdictKind.DOMESTIC, "CN", 50),
              _rec(VerdictKind.UNKNOWN, None, 7), _rec(VerdictKind.TRANSIT, "DE", 1000),
              _rec(VerdictKind.VIOLATION, "US", 1)]
     return AuditResult("p.yaml", "ab" * 32, [GeoSource("maxmind", "/x.mmdb", "GeoLite2-Country",
@@ -102,4 +115,5 @@ def test_text_report_lists_findings_largest_first() -> None:
     assert "Violations and unknown-country exports (3)" in text
     lines = [ln for ln in text.splitlines() if "no_route" in ln or "no_country" in ln]
     assert "100 B" in lines[0] and "1 B" in lines[-1]
+    assert "api.crm-vendor.example (quic)" in lines[0]
     assert "warning: w1" in text
