@@ -155,6 +155,37 @@ def _file_id(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_ino, st.st_size)
 
 
+def _open_private_copy(path: str) -> maxminddb.Reader:
+    """Open a private in-memory copy of the database file, memory-mapped.
+
+    A reader that maps the configured file itself sees every later write to
+    it: a file overwritten in place (``cp new.mmdb country.mmdb``) gives wrong
+    answers, corrupt-tree errors, or SIGBUS once the file is shorter than the
+    mapping.  A private copy in a memfd keeps the loaded database intact
+    whatever happens to the file, at the cost of holding it in memory rather
+    than in the (evictable) page cache.  Falls back to mapping the file where
+    memfd is not available.
+    """
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is None:  # pragma: no cover - not Linux
+        return maxminddb.open_database(path, maxminddb.MODE_AUTO)
+    with open(path, "rb") as src:
+        fd = memfd_create("egressd-geoip", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            size = os.fstat(src.fileno()).st_size
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(fd, src.fileno(), offset, size - offset)
+                if sent == 0:  # the file got shorter while being copied
+                    break
+                offset += sent
+            # libmaxminddb opens a path: the memfd's own, then maps it; the
+            # mapping keeps the copy alive after the descriptor is closed.
+            return maxminddb.open_database(f"/proc/self/fd/{fd}", maxminddb.MODE_AUTO)
+        finally:
+            os.close(fd)
+
+
 class _Database:
     """One open MaxMind file and what is needed to notice it was replaced."""
 
@@ -177,7 +208,7 @@ class _Database:
                 path,
             )
         try:
-            reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
+            reader = _open_private_copy(path)
         except (maxminddb.InvalidDatabaseError, ValueError) as e:
             raise ValueError(f"{path}: not a MaxMind database (.mmdb) file") from e
         meta = reader.metadata()
