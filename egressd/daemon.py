@@ -23,6 +23,7 @@ for timers.  Around them:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -86,6 +87,17 @@ class _Live:
         self.alert_pending = False
 
 
+def _stat_id(path: str | None) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, None when there is none."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _timeouts(config: Config) -> FlowTimeouts:
     idle = config.flows.idle_timeout_seconds
     return FlowTimeouts(tcp=idle.tcp, udp=idle.udp, other=idle.other,
@@ -140,6 +152,7 @@ class Daemon:
         self._held: deque[tuple[int, Flow]] = deque()
         self.names: NameTracker | None = None
         self._names_seen: dict[str, int] = {}
+        self._geoip_error: tuple[object, ...] | None = None
         self._kernel_seen: dict[str, tuple[int, int]] = {}
         self.packets = 0
         self.alerts = 0
@@ -453,9 +466,15 @@ class Daemon:
         try:
             changed = rt.resolver.reload_if_changed()
         except (OSError, ValueError) as e:
-            log.error("GeoIP database changed on disk but cannot be loaded, keeping the old "
-                      "one: %s", e)
+            # Checked every 2 s: say it once per problem and version of the file.
+            problem = (str(e), *(_stat_id(p) for p in (rt.config.geoip.country_db,
+                                                       rt.config.geoip.asn_db)))
+            if problem != self._geoip_error:
+                self._geoip_error = problem
+                log.error("GeoIP database changed on disk but cannot be loaded, keeping the "
+                          "old one: %s", e)
             return
+        self._geoip_error = None
         if changed:
             log.info("GeoIP database reloaded from disk")
             self.rt = Runtime(rt.config, rt.policy, rt.resolver,
