@@ -43,7 +43,7 @@ from egressd.flows import Flow, FlowTable, FlowTimeouts
 from egressd.geo import CachedResolver, open_resolver
 from egressd.metrics import NO_LABEL, Metrics
 from egressd.metrics_http import MetricsServer, serve_metrics
-from egressd.model import PROTO_TCP, FlowRecord, Initiator, NameSource, VerdictKind
+from egressd.model import PROTO_TCP, FlowRecord, Initiator, NameSource, RecordBatch, VerdictKind
 from egressd.names.tracker import NameTracker
 from egressd.notify import Notifier
 from egressd.policy import Policy
@@ -153,6 +153,11 @@ class Daemon:
         self.names: NameTracker | None = None
         self._names_seen: dict[str, int] = {}
         self._geoip_error: tuple[object, ...] | None = None
+        # Metric children by label values: labels() checks and locks on every
+        # call, and under a flood it runs for every new flow.  Label sets are
+        # bounded (countries, routes, zones, reasons), so these dicts are too.
+        self._flow_counters: dict[tuple[str, str, str], Any] = {}
+        self._violation_counters: dict[tuple[str, str, str], Any] = {}
         self._kernel_seen: dict[str, tuple[int, int]] = {}
         self.packets = 0
         self.alerts = 0
@@ -194,10 +199,7 @@ class Daemon:
             self.metrics_server = serve_metrics(self.registry, config.metrics.host,
                                                 config.metrics.port, web_config)
             log.info("metrics on %s", self.metrics_server.url)
-        self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
-                               clock=self.clock)
-        self.names = self._name_tracker(config)
-        self.table = FlowTable(_timeouts(config), on_new=self._on_new)
+        self.build_pipeline()
         watcher = self._start_watcher(config.policy)
         self._publish_static(rt)
         self.metrics.reload_success.set(1)
@@ -245,35 +247,55 @@ class Daemon:
         return LiveSource(config.interfaces, bpf_filter=config.capture_filter,
                           promiscuous=config.promiscuous)
 
-    def _capture(self, source: LiveSource) -> None:
-        """Run the capture loop until stop or restart is requested."""
+    def build_pipeline(self) -> None:
+        """The stages after the capture source: alerts, names, the flow table.
+
+        Needs :attr:`rt` loaded.  Separate from :meth:`run` so that the
+        per-batch path can be measured and tested without capture sockets.
+        """
+        rt = self.rt
+        assert rt is not None
+        config = rt.config
+        self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
+                               clock=self.clock, batch_lines=True)
+        self.names = self._name_tracker(config)
+        self.table = FlowTable(_timeouts(config), on_new=self._on_new)
+
+    def process_batch(self, iface: str, batch: RecordBatch) -> None:
+        """Everything one captured batch goes through: decode, names, flows, decisions."""
         table = self.table
         assert table is not None
         m = self.metrics
+        self._interface = iface
+        dec = decode_batch(batch)
+        n = len(batch)
+        self.packets += n
+        m.packets.labels(iface).inc(n)
+        m.ip_bytes.labels(iface).inc(int(dec.ip_bytes.sum()))
+        for reason, count in dec.error_counts().items():
+            m.decode_errors.labels(reason).inc(count)
+        before = dict(table.errors)
+        names = self.names
+        if names is not None:
+            names.observe(batch, dec)
+        table.process(dec)
+        if names is not None:
+            for flow in names.attach(table):
+                self._renamed(flow)
+        for reason, count in table.errors.items():
+            if count != before.get(reason, 0):
+                m.decode_errors.labels(reason).inc(count - before.get(reason, 0))
+        self._drain(table)
+        if self.alerter is not None:
+            self.alerter.flush_lines()
+
+    def _capture(self, source: LiveSource) -> None:
+        """Run the capture loop until stop or restart is requested."""
         last_tick = 0.0
         last_geo = time.monotonic()
         for iface, batch in source.batches(self._interrupt):
             if len(batch):
-                self._interface = iface
-                dec = decode_batch(batch)
-                n = len(batch)
-                self.packets += n
-                m.packets.labels(iface).inc(n)
-                m.ip_bytes.labels(iface).inc(int(dec.ip_bytes.sum()))
-                for reason, count in dec.error_counts().items():
-                    m.decode_errors.labels(reason).inc(count)
-                before = dict(table.errors)
-                names = self.names
-                if names is not None:
-                    names.observe(batch, dec)
-                table.process(dec)
-                if names is not None:
-                    for flow in names.attach(table):
-                        self._renamed(flow)
-                for reason, count in table.errors.items():
-                    if count != before.get(reason, 0):
-                        m.decode_errors.labels(reason).inc(count - before.get(reason, 0))
-                self._drain(table)
+                self.process_batch(iface, batch)
             if self._held:
                 self._release_held(self.clock())
             now = time.monotonic()
@@ -286,6 +308,8 @@ class Daemon:
                 self._check_geoip()
             if self._reload_requested or self._auto_changed:
                 self._reload()
+            if self.alerter is not None:
+                self.alerter.flush_lines()  # alerts of held flows and of the timers
 
     # -- per flow ----------------------------------------------------------------------
 
@@ -350,11 +374,19 @@ class Daemon:
                 flow.verdict = live
                 return
         flow.verdict = live
-        self.metrics.flows.labels(live.kind, live.country, live.route).inc()
+        key = (live.kind, live.country, live.route)
+        counter = self._flow_counters.get(key)
+        if counter is None:
+            counter = self._flow_counters[key] = self.metrics.flows.labels(*key)
+        counter.inc()
         kind = record.verdict.verdict
         if kind is VerdictKind.VIOLATION:
             reason = record.verdict.reason.value if record.verdict.reason else NO_LABEL
-            self.metrics.violations.labels(live.country, live.zone, reason).inc()
+            vkey = (live.country, live.zone, reason)
+            counter = self._violation_counters.get(vkey)
+            if counter is None:
+                counter = self._violation_counters[vkey] = self.metrics.violations.labels(*vkey)
+            counter.inc()
         if kind in (VerdictKind.VIOLATION, VerdictKind.UNKNOWN):
             if record.bytes_out > 0:
                 self._alert(record)
@@ -513,7 +545,7 @@ class Daemon:
             if self.alerter is not None:
                 self.alerter.close(STOP_TIMEOUT_SECONDS)
             self.alerter = Alerter(nc.alerts, sensor=nc.sensor_name, metrics=self.metrics,
-                                   clock=self.clock)
+                                   clock=self.clock, batch_lines=True)
         if (nc.interfaces, nc.capture_filter, nc.promiscuous) != (
                 oc.interfaces, oc.capture_filter, oc.promiscuous):
             self._interrupt.set()

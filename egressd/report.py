@@ -146,6 +146,11 @@ def _js(value: str | None) -> str:
     return "null" if value is None else json.dumps(value, ensure_ascii=False)
 
 
+def _jip(value: str | None) -> str:
+    """JSON text of an address (never needs escaping; too many distinct ones to cache)."""
+    return "null" if value is None else f'"{value}"'
+
+
 def _jn(value: int | None) -> str:
     return "null" if value is None else str(value)
 
@@ -184,7 +189,7 @@ def flow_line(f: FlowRecord) -> str:
         f'{{"community_id":"{f.community_id}","proto":{_PROTO_JSON[f.proto]},'
         f'"src_ip":"{f.src_ip}","src_port":{_jn(f.src_port)},'
         f'"dst_ip":"{f.dst_ip}","dst_port":{_jn(f.dst_port)},'
-        f'"initiator":{_js(f.initiator)},"remote_ip":{_js(f.remote_ip)},'
+        f'"initiator":{_js(f.initiator)},"remote_ip":{_jip(f.remote_ip)},'
         f'"server_name":{_js(f.server_name)},"name_source":{_js(f.name_source)},'
         f'{_fragment(f.geo)},"zone":{_js(f.zone)},'
         f'"first_seen":"{rfc3339(f.first_seen_ns)}","last_seen":"{rfc3339(f.last_seen_ns)}",'

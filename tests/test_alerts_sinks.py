@@ -99,15 +99,23 @@ def _umask() -> int:
 
 def test_jsonl_follows_rotation_and_deletion(tmp_path: Path) -> None:
     path = tmp_path / "alerts.jsonl"
-    sink = JsonlSink(str(path))
+    now = [100.0]
+    sink = JsonlSink(str(path), monotonic=lambda: now[0])
     sink.deliver([alert(1)])
     path.rename(tmp_path / "alerts.jsonl.1")  # what logrotate does
+    # Within a second of the last look the path is not looked at again: the
+    # alert still goes to the open (rotated) file ...
+    now[0] += 0.5
     sink.deliver([alert(2)])
-    assert [x["suppressed_flows"] for x in read_lines(tmp_path / "alerts.jsonl.1")] == [0]
-    assert [x["suppressed_flows"] for x in read_lines(path)] == [1]
-    path.unlink()
+    # ... and after that the file at the path is opened anew.
+    now[0] += 1.0
     sink.deliver([alert(3)])
+    assert [x["suppressed_flows"] for x in read_lines(tmp_path / "alerts.jsonl.1")] == [0, 1]
     assert [x["suppressed_flows"] for x in read_lines(path)] == [2]
+    path.unlink()
+    now[0] += 1.0
+    sink.deliver([alert(4)])
+    assert [x["suppressed_flows"] for x in read_lines(path)] == [3]
     sink.close()
 
 

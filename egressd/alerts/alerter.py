@@ -11,7 +11,9 @@ call must stay cheap and never wait for the network:
 3. a new alert is written inline to the local sinks (JSON lines file, syslog
    datagram: both cheap, neither waits for a peer) and queued in the spool of
    every network sink (Alertmanager); a refresh only goes to the spools of
-   sinks that want refreshes.  Spools deliver from their own threads.
+   sinks that want refreshes.  Spools deliver from their own threads.  With
+   ``batch_lines`` the local sinks get the alerts of a capture batch together
+   at :meth:`flush_lines` (one write for many alerts under a flood).
 
 A failing sink never makes :meth:`observe` raise: local failures are counted
 (``egressd_alerts_failed_total``) and logged at most once a minute per sink.
@@ -83,8 +85,11 @@ class Alerter:
         max_groups: int = DEFAULT_MAX_GROUPS,
         syslog_address: str = DEFAULT_SYSLOG_ADDRESS,
         http_timeout: float = DEFAULT_TIMEOUT,
+        batch_lines: bool = False,
     ) -> None:
         self.config = config
+        self.batch_lines = batch_lines
+        self._pending: list[Alert] = []
         self.sensor = sensor
         self.metrics = metrics
         self.clock = clock
@@ -148,24 +153,40 @@ class Alerter:
                     spool.append(alert)
             return None
         assert alert is not None
-        for sink, counters in self._line:
-            try:
-                sink.deliver((alert,))
-            except Exception as exc:
-                counters.failed()
-                self._throttle.warning(f"sink:{sink.name}", "%s: alert not delivered: %s",
-                                       sink.name, exc)
-            else:
-                counters.sent()
+        if self.batch_lines:
+            self._pending.append(alert)
+        else:
+            self._deliver_lines((alert,))
         for spool in self.spools.values():
             spool.append(alert)
         return alert
+
+    def _deliver_lines(self, batch: tuple[Alert, ...] | list[Alert]) -> None:
+        for sink, counters in self._line:
+            try:
+                sink.deliver(batch)
+            except Exception as exc:
+                counters.failed(len(batch))
+                self._throttle.warning(f"sink:{sink.name}", "%s: alert not delivered: %s",
+                                       sink.name, exc)
+            else:
+                counters.sent(len(batch))
+
+    def flush_lines(self) -> None:
+        """Hand the alerts raised since the last call to the local sinks (``batch_lines``)."""
+        if not self._pending:
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if pending:
+                self._deliver_lines(pending)
 
     # -- shutdown -------------------------------------------------------------
 
     def flush(self, timeout: float) -> bool:
         """Wait until every spool is delivered; False when ``timeout`` seconds passed first."""
         deadline = time.monotonic() + timeout
+        self.flush_lines()
         ok = True
         for spool in self.spools.values():
             ok = spool.flush(max(0.0, deadline - time.monotonic())) and ok
@@ -179,6 +200,7 @@ class Alerter:
         every thread stopped within ``timeout`` seconds.  Idempotent.
         """
         deadline = time.monotonic() + timeout
+        self.flush_lines()
         with self._lock:
             if self._closed:
                 return True

@@ -17,6 +17,7 @@ get their alerts through the on-disk spool (:mod:`egressd.alerts.spool`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -182,6 +183,12 @@ def alert_json(alert: Alert) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _js_cached(value: str | None) -> str:
+    """JSON text of a value that repeats (sensor and interface names)."""
+    return _js(value)
+
+
 def _js(value: str | None) -> str:
     return "null" if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -189,8 +196,8 @@ def _js(value: str | None) -> str:
 def alert_line(alert: Alert) -> str:
     """``json.dumps(alert_json(alert), ensure_ascii=False, separators=(",", ":"))``, faster."""
     return (
-        f'{flow_line(alert.record)[:-1]},"sensor":{_js(alert.sensor)},'
-        f'"interface":{_js(alert.interface)},"alert_group":{_js(alert.group)},'
+        f'{flow_line(alert.record)[:-1]},"sensor":{_js_cached(alert.sensor)},'
+        f'"interface":{_js_cached(alert.interface)},"alert_group":{_js(alert.group)},'
         f'"suppressed_flows":{suppressed_flows(alert)},"raised_at":"{rfc3339(alert.raised_ns)}"}}'
     )
 
@@ -207,12 +214,17 @@ class JsonlSink:
     """
 
     name = "jsonl"
+    ROTATION_CHECK_SECONDS = 1.0
+    """How often the path is compared with the open file (a ``stat`` each time)."""
 
-    def __init__(self, path: str, *, mode: int = 0o640) -> None:
+    def __init__(self, path: str, *, mode: int = 0o640,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.mode = mode
+        self.monotonic = monotonic
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        self._checked = -float("inf")
 
     def deliver(self, batch: Sequence[Alert]) -> None:
         if not batch:
@@ -233,8 +245,16 @@ class JsonlSink:
             raise
 
     def _file(self) -> int:
-        """The open descriptor for ``path``, reopened when the file was rotated away."""
+        """The open descriptor for ``path``, reopened when the file was rotated away.
+
+        The path is looked at no more than once per :data:`ROTATION_CHECK_SECONDS`:
+        a flood of alerts costs one ``stat`` a second, not one per alert.
+        """
         if self._fd is not None:
+            now = self.monotonic()
+            if now - self._checked < self.ROTATION_CHECK_SECONDS:
+                return self._fd
+            self._checked = now
             try:
                 st = os.stat(self.path)
                 current: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -247,6 +267,7 @@ class JsonlSink:
         fd = os.open(self.path, flags, self.mode)
         st = os.fstat(fd)
         self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        self._checked = self.monotonic()
         return fd
 
     def _close_file(self) -> None:
