@@ -6,7 +6,8 @@ runs the tools in alternation, ``--runs`` times each, timing every run as a
 whole process (start-up included):
 
 * egressd:   python -m egressd audit --policy examples/policy.yaml --format json
-             --output /dev/null --fail-on never FILE
+             --output /dev/null --fail-on never FILE     (default --jobs: the cores)
+* egressd-j1: the same with --jobs 1 (one process)
 * tshark:    tshark -q -n -r FILE -z conv,ip
 * reference: python bench/ref_aggregator.py FILE
 
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ("egressd", "tshark", "reference")
+TOOLS = ("egressd", "egressd-j1", "tshark", "reference")
 
 
 def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
@@ -64,10 +65,11 @@ def warm(path: Path) -> None:
 
 def commands(path: Path, policy: Path) -> dict[str, list[str] | None]:
     tshark = shutil.which("tshark")
+    egressd = [sys.executable, "-m", "egressd", "audit", "--policy", str(policy),
+               "--format", "json", "--output", os.devnull, "--fail-on", "never", str(path)]
     return {
-        "egressd": [sys.executable, "-m", "egressd", "audit", "--policy", str(policy),
-                    "--format", "json", "--output", os.devnull, "--fail-on", "never",
-                    str(path)],
+        "egressd": egressd,
+        "egressd-j1": [*egressd[:-1], "--jobs", "1", egressd[-1]],
         "tshark": None if tshark is None else [tshark, "-q", "-n", "-r", str(path),
                                                "-z", "conv,ip"],
         "reference": [sys.executable, str(ROOT / "bench" / "ref_aggregator.py"), str(path)],
@@ -109,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {tool} is not installed; skipping it")
         else:
             active.append(tool)
-    if "egressd" in active and not args.policy.exists():
-        print(f"note: policy {args.policy} not found; skipping egressd")
-        active.remove("egressd")
+    if not args.policy.exists():
+        for tool in ("egressd", "egressd-j1"):
+            if tool in active:
+                print(f"note: policy {args.policy} not found; skipping {tool}")
+                active.remove(tool)
     if not active:
         print("nothing to run")
         return 1
@@ -137,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {run + 1} {tool:<9} {elapsed:7.2f} s", flush=True)
 
     print()
-    print(f"{'tool':<10} {'median s':>9} {'packets/s':>12}   runs")
+    print(f"{'tool':<11} {'median s':>9} {'packets/s':>12}   runs")
     medians: dict[str, float] = {}
     for tool in active:
         if not times[tool]:
-            print(f"{tool:<10} {'-':>9} {'-':>12}   failed: {failed.get(tool, '')}")
+            print(f"{tool:<11} {'-':>9} {'-':>12}   failed: {failed.get(tool, '')}")
             continue
         med = statistics.median(times[tool])
         medians[tool] = med
         spread = ", ".join(f"{t:.2f}" for t in times[tool])
-        print(f"{tool:<10} {med:9.2f} {args.packets / med:12,.0f}   {spread}")
+        print(f"{tool:<11} {med:9.2f} {args.packets / med:12,.0f}   {spread}")
     if "egressd" in medians:
-        for other in ("tshark", "reference"):
+        for other in ("egressd-j1", "tshark", "reference"):
             if other in medians:
                 ratio = medians["egressd"] / medians[other]
                 faster = (f"egressd {1 / ratio:.1f}x faster" if ratio < 1

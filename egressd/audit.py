@@ -13,7 +13,7 @@ import gzip
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -42,6 +42,10 @@ class AuditOptions:
     names: bool = True
     """Read server names (DNS, TLS SNI, QUIC) and give them to flows."""
     dns_entries: int = 100_000
+    partition: tuple[int, int] | None = None
+    """Keep only one share of the flows (see :mod:`egressd.parallel`)."""
+    sha256: bool = True
+    """Hash each capture (off in the processes that only contribute flows)."""
 
 
 @contextmanager
@@ -93,7 +97,8 @@ class Audit:
         self.names = (NameTracker(dns_entries=self.options.dns_entries)
                       if self.options.names else None)
         self.table = FlowTable(self.options.timeouts,
-                               on_new=self.names.on_new if self.names else None)
+                               on_new=self.names.on_new if self.names else None,
+                               partition=self.options.partition)
         self.captures: list[CaptureSummary] = []
         self.flows: list[FlowRecord] = []
 
@@ -112,7 +117,7 @@ class Audit:
         capture is reported in the summary instead.
         """
         with _open_input(path) as raw:
-            hashing = HashingReader(raw)
+            hashing = HashingReader(raw, sha256=self.options.sha256)
             try:
                 reader = open_capture(hashing, batch_records=self.options.batch_records)
             except (EOFError, gzip.BadGzipFile) as e:
@@ -153,10 +158,20 @@ class Audit:
         self.captures.append(summary)
         return summary
 
-    def finish(self, *, policy_path: str, policy_sha256: str) -> AuditResult:
-        """Close every open flow and build the result (flows sorted)."""
+    def finish_flows(self) -> list[FlowRecord]:
+        """Close every open flow; every flow found so far."""
         self.table.flush()
         self._drain()
+        return self.flows
+
+    def finish(self, *, policy_path: str, policy_sha256: str,
+               more_flows: Iterable[FlowRecord] = ()) -> AuditResult:
+        """Close every open flow and build the result (flows sorted).
+
+        ``more_flows`` are the flows of the other shares of a parallel audit.
+        """
+        self.finish_flows()
+        self.flows.extend(more_flows)
         result = AuditResult(policy_path=policy_path, policy_sha256=policy_sha256,
                              geoip=self.resolver.sources(), captures=self.captures,
                              flows=self.flows, warnings=list(self.policy.warnings))

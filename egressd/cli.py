@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import os
 import shutil
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import IO
 
@@ -26,10 +27,9 @@ from egressd.flows import FlowTimeouts
 from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
 from egressd.model import VerdictKind
 from egressd.netset import DEFAULT_INTERNAL_NETWORKS
+from egressd.parallel import ParallelAudit, default_jobs
 from egressd.policy import Policy
 from egressd.report import AuditResult, write_json
-from egressd.report_openmetrics import write_openmetrics
-from egressd.report_text import write_text
 from egressd.sources.base import CaptureError
 from egressd.sources.files import expand_capture_args
 
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tcp-close-grace", type=float, default=5.0, metavar="SECONDS",
                    help="after a TCP teardown, how long late ACKs stay in the flow (default 5)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("--jobs", "-j", type=_jobs, default=None, metavar="N",
+                   help="processes sharing the per-flow work (default: one less than the "
+                        "cores, from 4 cores and 64 MiB of captures on, else 1; 1 for standard "
+                        "input); the report is the same whatever N")
     a.add_argument("--verify", metavar="REPORT.json",
                    help="re-run the audit and compare it with this stored JSON report "
                         "(exit 0: matches, 1: differs, 2: not a readable report)")
@@ -160,6 +164,16 @@ def _timeouts(specs: list[str], grace: float) -> FlowTimeouts:
                         tcp_close_grace=grace)
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of processes, 1 or more")
+    return value
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     stored = None
     if args.verify:
@@ -179,23 +193,45 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not paths:
         raise UsageError("no capture files found in " + " ".join(args.captures))
     resolver = _resolver(None, args.geoip_db, args.asn_db)
-    audit = Audit(policy, resolver, AuditOptions(timeouts=timeouts))
+    jobs = args.jobs if args.jobs is not None else default_jobs(paths)
+    if jobs > 1 and "-" in paths:
+        raise UsageError("--jobs: standard input can be read by one process only (use --jobs 1)")
+    options = AuditOptions(timeouts=timeouts)
+    # Other processes (if any) are forked first: before any thread starts.
+    shares = ParallelAudit(policy, resolver, options, paths, jobs) if jobs > 1 else None
+    audit = shares.audit if shares is not None else Audit(policy, resolver, options)
     show_progress = not args.no_progress and sys.stderr.isatty()
-    with gc_paused():
-        for path in paths:
-            with _progress(path, show_progress) as progress:
-                summary = audit.add_capture(path, progress=progress)
-            if summary.truncated:
-                _warn(f"{path}: capture is damaged; read up to the damage: {summary.damage}")
-        result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "")
-    for w in result.warnings[len(policy.warnings):]:
-        _warn(w)
-    if stored is not None:
-        from egressd.verify import verify
-        return verify(result, stored, sys.stdout, report_path=args.verify)
-    _write_report(result, args.format, args.output, policy=policy,
-                  command=args.command_line)
-    return _exit_status(result, args.fail_on)
+    try:
+        with gc_paused():
+            for path in paths:
+                with _progress(path, show_progress) as progress:
+                    summary = audit.add_capture(path, progress=progress)
+                if summary.truncated:
+                    _warn(f"{path}: capture is damaged; read up to the damage: "
+                          f"{summary.damage}")
+            more = shares.collect() if shares is not None else []
+            result = audit.finish(policy_path=args.policy, policy_sha256=policy.sha256 or "",
+                                  more_flows=more)
+            # What the audit built stays alive until the report is written.  Once
+            # the collector runs again, its first collection would walk all of it
+            # (every object made while it was paused is still in the youngest
+            # generation); frozen, the collector leaves it alone until the report
+            # is out.
+            gc.freeze()
+    finally:
+        if shares is not None:
+            shares.close()
+    try:
+        for w in result.warnings[len(policy.warnings):]:
+            _warn(w)
+        if stored is not None:
+            from egressd.verify import verify
+            return verify(result, stored, sys.stdout, report_path=args.verify)
+        _write_report(result, args.format, args.output, policy=policy,
+                      command=args.command_line)
+        return _exit_status(result, args.fail_on)
+    finally:
+        gc.unfreeze()
 
 
 def _exit_status(result: AuditResult, fail_on: str) -> int:
@@ -246,8 +282,10 @@ def _write_report(result: AuditResult, fmt: str, output: str | None, *,
             write_html(result, out, command=command or [], policy_text=policy_text,
                        policy=policy)
         elif fmt == "openmetrics":
+            from egressd.report_openmetrics import write_openmetrics
             write_openmetrics(result, out)
         else:
+            from egressd.report_text import write_text
             tty = output is None and sys.stdout.isatty()
             write_text(result, out, color=tty,
                        width=shutil.get_terminal_size().columns if tty else None,
@@ -257,7 +295,15 @@ def _write_report(result: AuditResult, fmt: str, output: str | None, *,
         render(sys.stdout)
         sys.stdout.flush()
         return
+    if _is_special(output):
+        # A device, FIFO or socket (/dev/null, /dev/stdout, a named pipe) is written
+        # to as it is: renaming over it would replace the device node with a file.
+        with open(output, "w", encoding="utf-8") as out:
+            render(out)
+        return
     # Write next to the target and rename, so a reader never sees half a report.
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(prefix=".egressd-report-", dir=directory)
     try:
@@ -268,6 +314,15 @@ def _write_report(result: AuditResult, fmt: str, output: str | None, *,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _is_special(path: str) -> bool:
+    """True when ``path`` exists and is not a regular file or a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -146,8 +146,17 @@ class FlowTable:
 
     def __init__(self, timeouts: FlowTimeouts | None = None, *,
                  on_new: Callable[[Flow], None] | None = None,
-                 max_fragments: int = 65536) -> None:
+                 max_fragments: int = 65536,
+                 partition: tuple[int, int] | None = None) -> None:
         self.timeouts = timeouts or FlowTimeouts()
+        if partition is not None and not 0 <= partition[0] < partition[1]:
+            raise ValueError(f"partition {partition}: expected (index, count), 0 <= index < count")
+        self.partition = partition
+        """``(index, count)``: keep only the flows whose key hash is ``index`` modulo ``count``.
+
+        Flows of different keys never influence each other, so ``count`` tables
+        fed the same packets, each with its own index, together hold exactly the
+        flows one table would (an audit on several cores)."""
         self.on_new = on_new
         self.finished: list[Flow] = []
         self.errors: Counter[str] = Counter()
@@ -321,6 +330,15 @@ class FlowTable:
             h ^= k64[:, j]
             h *= np.uint64(0x9E3779B97F4A7C15)
             h ^= h >> np.uint64(29)
+        if self.partition is not None:
+            index, count = self.partition
+            sel = (h % np.uint64(count)) == np.uint64(index)
+            if not sel.all():
+                n = int(sel.sum())
+                if n == 0:
+                    return
+                rows, keys, k64, h = rows[sel], keys[sel], k64[sel], h[sel]
+                swap, proto, sport, dport = swap[sel], proto[sel], sport[sel], dport[sel]
         order = np.argsort(h, kind="stable")
         hs = h[order]
         ks = k64[order]

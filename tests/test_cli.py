@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,26 @@ def test_text_report_and_output_file(env: dict[str, Path],
     code, out, _ = audit(env, "--format", "json", "--output", str(target), str(env["pcap"]),
                          capsys=capsys)
     assert out == "" and json.loads(target.read_text())["summary"]["flows"] == 4
+    assert not [p for p in os.listdir(env["tmp"]) if p.startswith(".egressd-report-")]
+
+
+def test_output_to_a_device_or_fifo_writes_through_it(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # Renaming a finished report over /dev/null would replace the device node.
+    code, out, _ = audit(env, "--format", "json", "--output", os.devnull, str(env["pcap"]),
+                         capsys=capsys)
+    assert code == 1 and out == ""
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = env["tmp"] / "report.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, out, _ = audit(env, "--format", "json", "--output", str(fifo), str(env["pcap"]),
+                         capsys=capsys)
+    reader.join(10)
+    assert code == 1 and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert json.loads(got[0])["summary"]["flows"] == 4
     assert not [p for p in os.listdir(env["tmp"]) if p.startswith(".egressd-report-")]
 
 

@@ -229,3 +229,48 @@ def test_batches_of_any_size_agree_with_the_one_packet_model(
     flows, _ = run(packets, batch=batch, timeouts=to)
     got = sorted((f.first_ns, f.last_ns, f.packets, f.by0 + f.by1) for f in flows)
     assert got == reference(model, to)
+
+
+def _summary(flows: list[Flow]) -> list[tuple[object, ...]]:
+    return sorted((f.key, f.first_ns, f.last_ns, f.initiator, f.pk0, f.by0, f.pk1, f.by1,
+                   f.icmp_type, f.icmp_code) for f in flows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 400), st.integers(0, 1), FLAGS,
+                          st.integers(0, 30), st.booleans()),
+                min_size=1, max_size=60),
+       st.integers(1, 12), st.integers(2, 5))
+def test_partitioned_tables_together_hold_exactly_the_flows_of_one(
+        steps: list[tuple[int, int, int, str, int, bool]], batch: int, count: int) -> None:
+    """Tables fed the same packets, each keeping one hash partition, find the same flows."""
+    t = T0
+    packets: list[tuple[int, bytes]] = []
+    for conn, gap, d, flags, size, fragmented in steps:
+        t += gap * NS // 2
+        src, dst, sp, dp = (C, S, 40000 + conn, 443) if d == 0 else (S, C, 443, 40000 + conn)
+        if conn == 7:  # UDP, in IP fragments (later fragments belong by the first one's ports)
+            pkt = IP(src=src, dst=dst, id=gap) / UDP(sport=sp, dport=dp) / Raw(b"u" * 60)
+            for frag in (fragment(pkt, fragsize=32) if fragmented else [pkt]):
+                packets.append((t, bytes(frag)))
+            continue
+        packets.append((t, tcp(src, dst, sp, dp, flags, size)))
+    whole, table = run(packets, batch=batch)
+    parts: list[Flow] = []
+    errors: list[object] = []
+    for index in range(count):
+        ptable = FlowTable(partition=(index, count))
+        for i in range(0, len(packets), batch):
+            ptable.process(decode_batch(RecordBatch.from_packets(
+                [(ts, LINKTYPE_RAW, data) for ts, data in packets[i:i + batch]])))
+        ptable.flush()
+        parts.extend(ptable.finished)
+        errors.append(dict(ptable.errors))
+    assert _summary(parts) == _summary(whole)
+    # Table-level errors (orphan fragments) are seen by every partition alike.
+    assert all(e == dict(table.errors) for e in errors)
+
+
+def test_partition_must_be_an_index_below_the_count() -> None:
+    with pytest.raises(ValueError, match="partition"):
+        FlowTable(partition=(3, 3))

@@ -232,6 +232,14 @@ def test_hashing_reader_readinto_and_close() -> None:
     assert not raw.closed  # the owner of the file closes it (it may be stdin)
 
 
+def test_hashing_reader_count_only() -> None:
+    h = HashingReader(io.BytesIO(b"abcdefgh"), sha256=False)
+    buf = bytearray(5)
+    assert h.readinto(buf) == 5 and bytes(buf) == b"abcde"
+    assert h.read() == b"fgh"
+    assert h.size == 8 and h.sha256() == ""
+
+
 # -- arguments -------------------------------------------------------------------
 
 

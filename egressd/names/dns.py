@@ -32,19 +32,12 @@ import re
 import struct
 import sys
 from collections import OrderedDict
-from typing import Any, NamedTuple
-
-import dns.flags
-import dns.ipv4
-import dns.ipv6
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from egressd.decode.scalar import V4_MAPPED_PREFIX
+
+if TYPE_CHECKING:
+    import dns.name
 
 MAX_CHAIN = 16
 """Longest CNAME chain followed (names, question included); longer ones are cut."""
@@ -59,10 +52,16 @@ GRACE_S = 300
 """Expired answers are dropped this long after expiry, measured on the newest answer time."""
 
 _NS = 1_000_000_000
-_IN = dns.rdataclass.IN
-_A = dns.rdatatype.A
-_AAAA = dns.rdatatype.AAAA
-_CNAME = dns.rdatatype.CNAME
+# dnspython is imported on first use (the first DNS payload), not with this module;
+# these are the values of dns.rdataclass.IN, dns.rdatatype.A, AAAA and CNAME,
+# dns.flags.QR, dns.opcode.QUERY and dns.rcode.NOERROR (dnspython's enums are ints).
+_IN = 1
+_A = 1
+_AAAA = 28
+_CNAME = 5
+_QR = 0x8000
+_QUERY = 0
+_NOERROR = 0
 
 
 class DnsAnswer(NamedTuple):
@@ -89,6 +88,8 @@ def _norm(name: dns.name.Name) -> str:
     text = b".".join(labels)
     if _PLAIN.fullmatch(text) and text.count(b".") == len(labels) - 1:
         return text.decode("ascii").lower()  # the common case, without dnspython's escaping
+    import dns.name
+
     return "" if name == dns.name.root else name.to_text(omit_final_dot=True).lower()
 
 
@@ -100,13 +101,17 @@ def parse_response(payload: bytes) -> DnsAnswers | None:
     the question; address records off that chain, and the authority and
     additional sections, are ignored.  Never raises on malformed input.
     """
+    import dns.ipv4
+    import dns.ipv6
+    import dns.message
+
     try:
         # keyring=False: read TSIG-signed answers without checking them (no keys here).
         msg = dns.message.from_wire(payload, keyring=False, ignore_trailing=True)
     except Exception:  # any malformed packet must be skipped, never stop the monitor
         return None
-    if (not msg.flags & dns.flags.QR or msg.opcode() != dns.opcode.QUERY
-            or msg.rcode() != dns.rcode.NOERROR or len(msg.question) != 1
+    if (not msg.flags & _QR or msg.opcode() != _QUERY
+            or msg.rcode() != _NOERROR or len(msg.question) != 1
             or msg.question[0].rdclass != _IN):
         return None
     cnames: dict[dns.name.Name, tuple[dns.name.Name, int]] = {}

@@ -33,12 +33,6 @@ import hashlib
 import hmac
 from typing import Final, NamedTuple
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
 from egressd.names.tls import MAX_HANDSHAKE_BYTES, Incomplete, hello_sni
 
 __all__ = [
@@ -100,6 +94,10 @@ def looks_like_initial(datagram: bytes) -> bool:
 
 def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
     """TLS 1.3 HKDF-Expand-Label with an empty context (RFC 8446 section 7.1)."""
+    # cryptography is imported on first use: most captures hold no QUIC Initial.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
     return HKDFExpand(algorithm=hashes.SHA256(), length=length, info=info).derive(secret)
@@ -290,6 +288,10 @@ def _unprotect(packet: bytes, pn_offset: int, keys: InitialKeys) -> bytes | None
     """The decrypted payload of one long-header packet, or None (RFC 9001 5.3, 5.4)."""
     if pn_offset + 4 + 16 > len(packet):
         return None
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     sample = packet[pn_offset + 4:pn_offset + 20]
     encryptor = Cipher(algorithms.AES(keys.hp), modes.ECB()).encryptor()
     mask = encryptor.update(sample) + encryptor.finalize()

@@ -149,11 +149,15 @@ class HashingReader(io.RawIOBase):
     (Not so when :func:`open_capture` raises :class:`CaptureError`: then only
     the first bytes have been read.)  Closing the wrapper leaves the wrapped
     file open: whoever opened it closes it (it may be standard input).
+
+    With ``sha256=False`` the bytes are only counted: :meth:`sha256` then
+    returns an empty string (for readers whose caller does not need the digest).
     """
 
-    def __init__(self, raw: ByteSource) -> None:
+    def __init__(self, raw: ByteSource, *, sha256: bool = True) -> None:
         super().__init__()
         self._raw = raw
+        self._hashing = sha256
         self._hash = hashlib.sha256()
         self.size = 0
         """Bytes read so far."""
@@ -164,6 +168,8 @@ class HashingReader(io.RawIOBase):
         self._thread: threading.Thread | None = None
 
     def _update(self, data: bytes) -> None:
+        if not self._hashing:
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
             self._thread.start()
@@ -200,13 +206,16 @@ class HashingReader(io.RawIOBase):
                 data = self._raw.read(len(target))
                 got = len(data)
                 target[:got] = data
-            if got:
+            if got and self._hashing:
                 self._update(bytes(target[:got]))  # the caller reuses its buffer
         self.size += got
         return got
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the bytes read so far (waits for the hashing thread)."""
+        """Hex SHA-256 of the bytes read so far (waits for the hashing thread);
+        empty when hashing is off."""
+        if not self._hashing:
+            return ""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()

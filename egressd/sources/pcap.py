@@ -375,12 +375,19 @@ class PcapReader(ChunkWalker):
         n = len(buf)
         # The hot loop: follow the captured lengths and remember where each record
         # starts.  It ends when a record header is not (fully) in the buffer, where
-        # unpack_from raises.
+        # unpack_from raises.  Unrolled four times: the loop itself is a measurable
+        # part of the few hundred nanoseconds a record costs here.
         starts: list[int] = []
         append = starts.append
         p = pos
         try:
             while True:
+                append(p)
+                p += caplen_at(buf, p)[0] + hl
+                append(p)
+                p += caplen_at(buf, p)[0] + hl
+                append(p)
+                p += caplen_at(buf, p)[0] + hl
                 append(p)
                 p += caplen_at(buf, p)[0] + hl
         except struct.error:
