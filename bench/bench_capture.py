@@ -1,22 +1,35 @@
 """Live capture under load: egressd's LiveSource (ring and recvmsg) against tcpdump.
 
-Two network namespaces joined by a veth pair; a sender process in one writes
-prebuilt UDP frames with a raw packet socket at a fixed rate for a few
-seconds, and one capturing tool at a time listens on the other end:
+Two network namespaces joined by a veth pair; a sender in one writes 64-byte
+UDP frames at a given rate for a few seconds, and one capturing tool at a time
+listens on the other end:
 
-* ``ring``     LiveSource(ring=True): TPACKET_V3 receive ring;
-* ``recvmsg``  LiveSource(ring=False): one recvmsg per frame;
-* ``tcpdump``  ``tcpdump -i IF -w /dev/null`` (when installed).
+* ``ring``           LiveSource(ring=True): TPACKET_V3 receive ring (the default);
+* ``ring-decode``    the same, and ``decode_batch`` on every batch (the daemon's next stage);
+* ``recvmsg``        LiveSource(ring=False): one recvmsg per frame;
+* ``recvmsg-decode`` the same with ``decode_batch`` (not in the default list);
+* ``tcpdump``        ``tcpdump -i IF -Z root -w /dev/null`` (when installed; ``-Z root``
+  so that tcpdump, started as root, does not hand the output file to its own
+  user: for /dev/null that would change the device's owner).
 
-All three use the filter ``ip or ip6`` and the same kernel buffer size
-(``--buffer-mib``: ring size, socket buffer, ``tcpdump -B``).  The tools run in
-alternation at every rate, so background load hits all of them alike.  Per
-tool and rate it prints the median over runs of frames sent, received by the
-tool and dropped by the kernel, then the highest rate with zero drops in
-every run and the ratio egressd/tcpdump.  Needs root.
+The sender is ``tcpreplay`` (``--pps``/``--topspeed``, looping over a generated
+pcap held in memory) when installed, else a Python loop on a raw packet socket.
+All tools use the filter ``ip or ip6`` and the same kernel buffer size
+(``--buffer-mib``: ring size, socket buffer, ``tcpdump -B``).  The sender and
+the capturing tool are pinned to two different CPUs (``--pin``), so that a
+tool that burns more CPU does not slow the sender down by taking its core.
 
-    python bench/bench_capture.py                       # default rates, 3 runs
-    python bench/bench_capture.py --rates 50000,100000,200000 --seconds 2 --runs 5
+The rates are a ladder (``max``: as fast as the sender goes); at every step the
+tools still in the race run in alternation, ``--runs`` times, so background load
+hits all of them alike.  A tool leaves the ladder at the first rate with kernel
+drops in any run, or when the sender could not reach the rate asked (its
+ceiling, not the tool's).  Then ``--bisect`` rounds halve the gap between each
+tool's last clean rate and its first rate with drops.  It prints every run, the
+medians per step, per tool the highest rate with zero drops in every run (and
+the rate the sender really reached there), and the ratios to tcpdump.  Needs root.
+
+    python bench/bench_capture.py                            # default ladder, 3 runs
+    python bench/bench_capture.py --rates 500000,1000000,max --runs 5 --bisect 3
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,7 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TX_IF, RX_IF = "bench-tx", "bench-rx"
-TOOLS = ("ring", "recvmsg", "tcpdump")
+TOOLS = ("ring", "ring-decode", "recvmsg", "recvmsg-decode", "tcpdump")
+DEFAULT_TOOLS = "ring,ring-decode,recvmsg,tcpdump"
+SATURATED = 0.95
+"""A sender that reaches less than this share of the rate asked is at its ceiling."""
+STEP = 10_000
+"""Bisection stops when the gap is this small (frames/s); midpoints are rounded to it."""
+
+Run = dict[str, float]
 
 
 # -- child processes (run inside a namespace) ----------------------------------------------
@@ -65,19 +86,29 @@ def _frames(size: int, count: int = 64) -> list[bytes]:
     return out
 
 
+def write_pcap(path: Path, frames: list[bytes]) -> None:
+    """A classic pcap (Ethernet, microseconds) of ``frames``, one microsecond apart."""
+    with path.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, frame in enumerate(frames):
+            f.write(struct.pack("<IIII", i // 1_000_000, i % 1_000_000, len(frame), len(frame)))
+            f.write(frame)
+
+
 def child_send(ifname: str, rate: int, seconds: float, size: int) -> None:
+    """The Python sender: paced to ``rate`` frames/s, or unpaced when ``rate`` is 0."""
     frames = _frames(size)
     nframes = len(frames)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.bind((ifname, 0))
     send = sock.send
     sent = 0
-    chunk = max(1, min(256, rate // 2000))
+    chunk = max(1, min(256, rate // 2000)) if rate > 0 else 256
     start = time.perf_counter()
     end = start + seconds
     now = start
     while now < end:
-        due = int((now - start) * rate)
+        due = int((now - start) * rate) if rate > 0 else sent + chunk
         while sent < due:
             for _ in range(chunk):
                 try:
@@ -86,7 +117,7 @@ def child_send(ifname: str, rate: int, seconds: float, size: int) -> None:
                     continue
                 sent += 1
         now = time.perf_counter()
-        if sent >= int((now - start) * rate) + chunk:
+        if rate > 0 and sent >= int((now - start) * rate) + chunk:
             time.sleep(0.0002)
             now = time.perf_counter()
     print(json.dumps({"sent": sent, "seconds": time.perf_counter() - start}), flush=True)
@@ -145,60 +176,137 @@ def _tcpdump_counts(text: str) -> tuple[int, int, int]:
     return grab("captured"), grab("received by filter"), grab("dropped by kernel")
 
 
-def one_run(tool: str, tx: str, rx: str, rate: int, args: argparse.Namespace) -> dict[str, int]:
+class Sender:
+    """Runs the sender in the sending namespace: tcpreplay, or the Python loop."""
+
+    def __init__(self, kind: str, tx: str, args: argparse.Namespace, workdir: Path) -> None:
+        self.kind, self.tx, self.args = kind, tx, args
+        self.pin = _pin(args.pin, 0)
+        self.pcap = workdir / f"frames-{args.size}.pcap"
+        if kind == "tcpreplay":
+            write_pcap(self.pcap, _frames(args.size, 1000))
+
+    def describe(self) -> str:
+        if self.kind == "tcpreplay":
+            out = subprocess.run(["tcpreplay", "--version"], capture_output=True, text=True)
+            m = re.search(r"version:\s*(\S+)", out.stdout + out.stderr)
+            return (f"tcpreplay {m.group(1) if m else '?'} (--pps with --pps-multi and "
+                    "--timer=select, or --topspeed; --preload-pcap, looping over 1000 frames)")
+        missing = "" if shutil.which("tcpreplay") else " (tcpreplay is not installed)"
+        return f"Python loop on a raw packet socket{missing}"
+
+    def send(self, rate: int) -> tuple[int, float]:
+        """Sends at ``rate`` frames/s (0: as fast as it goes); returns (frames, seconds)."""
+        args = self.args
+        if self.kind == "python":
+            me = [sys.executable, str(Path(__file__).resolve())]
+            snd = subprocess.run(["ip", "netns", "exec", self.tx, *self.pin, *me,
+                                  "--child-send", TX_IF,
+                                  "--rate", str(rate), "--seconds", str(args.seconds),
+                                  "--size", str(args.size)],
+                                 capture_output=True, text=True, check=True)
+            res = json.loads(snd.stdout)
+            return int(res["sent"]), float(res["seconds"])
+        pace = (["--topspeed"] if rate <= 0 else
+                ["--pps", str(rate), "--pps-multi", str(max(1, rate // 1000)),
+                 "--timer", "select"])
+        snd = subprocess.run(["ip", "netns", "exec", self.tx, *self.pin, "tcpreplay", "-i", TX_IF,
+                              "--preload-pcap", "--no-flow-stats", "--loop", "0",
+                              "--duration", str(max(1, round(args.seconds))), *pace,
+                              str(self.pcap)], capture_output=True, text=True, check=False)
+        text = snd.stdout + snd.stderr
+        m = re.search(r"Actual: (\d+) packets .* sent in ([\d.]+) seconds", text)
+        if snd.returncode != 0 or m is None:
+            raise RuntimeError(f"tcpreplay failed ({snd.returncode}): {text.strip()}")
+        ok = re.search(r"Successful packets:\s+(\d+)", text)
+        return int(ok.group(1) if ok else m.group(1)), float(m.group(2))
+
+
+def _pin(cpus: str, which: int) -> list[str]:
+    """``taskset`` prefix for the sender (``which`` 0) or the capture (1), if asked for."""
+    return ["taskset", "-c", cpus.split(",")[which]] if cpus else []
+
+
+def one_run(tool: str, sender: Sender, rx: str, rate: int, args: argparse.Namespace) -> Run:
     me = [sys.executable, str(Path(__file__).resolve())]
+    cap: subprocess.Popen[str] | None = None
     if tool == "tcpdump":
         kib = str(args.buffer_mib * 1024)
-        cap = subprocess.Popen(["ip", "netns", "exec", rx, "tcpdump", "-i", RX_IF, "-n", "-B",
-                                kib, "-w", "/dev/null", "ip or ip6"],
+        cap = subprocess.Popen(["ip", "netns", "exec", rx, *_pin(args.pin, 1), "tcpdump",
+                                "-i", RX_IF, "-n", "-Z", "root", "-B", kib, "-w", "/dev/null",
+                                "ip or ip6"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert cap.stderr is not None
         cap.stderr.readline()  # "listening on …": the ring is set up
-    else:
-        cap = subprocess.Popen(["ip", "netns", "exec", rx, *me, "--child-recv", RX_IF,
-                                "--mode", tool, "--buffer-mib", str(args.buffer_mib),
-                                *(["--decode"] if args.decode else [])],
+    elif tool != "none":
+        mode, _, decode = tool.partition("-")
+        cap = subprocess.Popen(["ip", "netns", "exec", rx, *_pin(args.pin, 1), *me,
+                                "--child-recv", RX_IF, "--mode", mode,
+                                "--buffer-mib", str(args.buffer_mib),
+                                *(["--decode"] if decode else [])],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert cap.stdout is not None
         if cap.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{tool} did not start: {cap.stderr.read() if cap.stderr else ''}")
     try:
-        snd = subprocess.run(["ip", "netns", "exec", tx, *me, "--child-send", TX_IF,
-                              "--rate", str(rate), "--seconds", str(args.seconds),
-                              "--size", str(args.size)],
-                             capture_output=True, text=True, check=True)
-        sent = json.loads(snd.stdout)
-        time.sleep(args.settle)
+        sent, seconds = sender.send(rate)
+        if cap is not None:
+            time.sleep(args.settle)
     finally:
-        cap.send_signal(signal.SIGINT if tool == "tcpdump" else signal.SIGTERM)
-        out, err = cap.communicate(timeout=60)
-    if tool == "tcpdump":
+        if cap is not None:
+            cap.send_signal(signal.SIGINT if tool == "tcpdump" else signal.SIGTERM)
+            out, err = cap.communicate(timeout=60)
+    if cap is None:
+        received, drops = 0, 0
+    elif tool == "tcpdump":
         received, _filtered, drops = _tcpdump_counts(err)
     else:
         res = json.loads(out.strip().splitlines()[-1])
         received, drops = res["received"], res["drops"]
-    return {"sent": sent["sent"], "pps": int(sent["sent"] / sent["seconds"]),
-            "received": received, "drops": drops}
+    return {"sent": sent, "pps": sent / seconds, "received": received, "drops": drops,
+            # Sent but neither captured nor counted as a kernel drop by the tool.
+            "lost": sent - received - drops}
+
+
+def _rate_name(rate: int) -> str:
+    return "max" if rate <= 0 else str(rate)
+
+
+def _parse_rates(text: str) -> list[int]:
+    rates = [0 if r.strip() == "max" else int(r) for r in text.split(",") if r.strip()]
+    return sorted(set(r for r in rates if r > 0)) + ([0] if 0 in rates else [])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="50000,100000,200000,300000,400000,600000",
-                    help="frames per second, comma-separated (default %(default)s)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="sending time per run")
+    ap.add_argument("--rates", default="200000,400000,600000,700000,800000,900000,1000000,max",
+                    help="ladder of frames per second, comma-separated; 'max': as fast as "
+                         "the sender goes (default %(default)s)")
+    ap.add_argument("--bisect", type=int, default=2,
+                    help="rounds halving each tool's gap between its last clean rate and "
+                         "its first rate with drops (default %(default)s)")
+    ap.add_argument("--seconds", type=float, default=3.0,
+                    help="sending time per run (whole seconds with tcpreplay)")
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and rate")
     ap.add_argument("--size", type=int, default=64, help="frame size in bytes")
     ap.add_argument("--buffer-mib", type=int, default=32,
                     help="kernel buffer per tool: ring size, socket buffer, tcpdump -B")
-    ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--decode", action="store_true",
-                    help="egressd also decodes every batch (the daemon's next stage)")
+    ap.add_argument("--tools", default=DEFAULT_TOOLS,
+                    help=f"comma-separated subset of {', '.join(TOOLS)} "
+                         "(default %(default)s)")
+    ap.add_argument("--sender", choices=("auto", "tcpreplay", "python"), default="auto",
+                    help="auto: tcpreplay when installed, else the Python loop")
+    ap.add_argument("--pin", metavar="S,C", default="auto",
+                    help="run the sender on CPU S and the capturing tool on CPU C (taskset); "
+                         "auto (default): the first two CPUs this process may use, if there "
+                         "are two and taskset is installed; none: no pinning")
     ap.add_argument("--settle", type=float, default=1.5,
                     help="seconds the tool gets to catch up after the sender stops")
     ap.add_argument("--child-send", metavar="IF")
     ap.add_argument("--child-recv", metavar="IF")
     ap.add_argument("--rate", type=int, default=0)
     ap.add_argument("--mode", choices=("ring", "recvmsg"), default="ring")
+    ap.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_send:
         child_send(args.child_send, args.rate, args.seconds, args.size)
@@ -211,58 +319,140 @@ def main() -> int:
         print("needs root (network namespaces, packet sockets)", file=sys.stderr)
         return 2
     tools = [t for t in args.tools.split(",") if t]
+    unknown = set(tools) - set(TOOLS)
+    if unknown:
+        ap.error(f"unknown tools: {', '.join(sorted(unknown))}")
     if "tcpdump" in tools and shutil.which("tcpdump") is None:
         print("tcpdump is not installed: skipped", file=sys.stderr)
         tools.remove("tcpdump")
-    rates = [int(r) for r in args.rates.split(",")]
-    tx, rx = setup(str(os.getpid()))
-    results: dict[tuple[str, int], list[dict[str, int]]] = {}
-    try:
-        for rate in rates:
-            for run in range(args.runs):
-                for tool in tools:  # alternate the tools at every rate
-                    r = one_run(tool, tx, rx, rate, args)
-                    results.setdefault((tool, rate), []).append(r)
-                    print(f"  run {run + 1} rate {rate:>7} {tool:<8} sent {r['sent']:>8} "
-                          f"({r['pps']:>7}/s) received {r['received']:>8} "
-                          f"drops {r['drops']:>8}", flush=True)
-    finally:
-        teardown(tx, rx)
-
+    kind = args.sender
+    if kind == "auto":
+        kind = "tcpreplay" if shutil.which("tcpreplay") else "python"
+    elif kind == "tcpreplay" and shutil.which("tcpreplay") is None:
+        ap.error("tcpreplay is not installed")
+    if args.pin == "auto":
+        cpus = sorted(os.sched_getaffinity(0))
+        args.pin = (f"{cpus[0]},{cpus[1]}" if len(cpus) >= 2 and shutil.which("taskset")
+                    else "")
+    elif args.pin == "none":
+        args.pin = ""
+    elif not re.fullmatch(r"\d+,\d+", args.pin):
+        ap.error("--pin takes S,C (two CPU numbers), auto or none")
+    rates = _parse_rates(args.rates)
+    started = time.monotonic()
+    results: dict[tuple[str, int], list[Run]] = {}
     med = statistics.median
-    print(f"\nmedians over {args.runs} runs, {args.size}-byte frames, {args.seconds:g} s "
-          f"per run, {args.buffer_mib} MiB kernel buffer{', decode' if args.decode else ''}")
-    print("(sent/s: the rate the sender reached; delivering to a slow socket slows it down)")
-    print(f"{'rate':>8} " + " ".join(
-        f"{t + ' sent/s':>15} {t + ' recv':>13} {t + ' drop':>13}" for t in tools))
-    for rate in rates:
-        row = [f"{rate:>8}"]
-        for t in tools:
-            rs = results[t, rate]
-            row.append(f"{med(r['pps'] for r in rs):>15.0f}")
-            row.append(f"{med(r['received'] for r in rs):>13.0f}")
-            row.append(f"{med(r['drops'] for r in rs):>13.0f}")
-        print(" ".join(row))
+
+    def step(plan: dict[str, int]) -> None:
+        """Runs every tool at its rate, alternating, ``--runs`` times."""
+        for run in range(args.runs):
+            for tool, rate in plan.items():
+                r = one_run(tool, sender, rx, rate, args)
+                results.setdefault((tool, rate), []).append(r)
+                print(f"  run {run + 1} rate {_rate_name(rate):>8} {tool:<14} sent "
+                      f"{r['sent']:>9.0f} ({r['pps']:>8.0f}/s) received {r['received']:>9.0f} "
+                      f"drops {r['drops']:>8.0f} lost {r['lost']:>6.0f}", flush=True)
+
+    def clean(tool: str, rate: int) -> bool:
+        return all(r["drops"] == 0 for r in results[tool, rate])
+
+    def pps(tool: str, rate: int) -> float:
+        return float(med(r["pps"] for r in results[tool, rate]))
+
+    good: dict[str, int] = {}  # highest clean rate asked (0: max)
+    bad: dict[str, int] = {}   # lowest rate asked with drops
+    ceiling: set[str] = set()  # clean at the sender's ceiling: the limit was not reached
+    with tempfile.TemporaryDirectory(prefix="egb-") as work:
+        tx, rx = setup(str(os.getpid()))
+        try:
+            sender = Sender(kind, tx, args, Path(work))
+            print(f"sender: {sender.describe()}")
+            print("pinning: " + (f"sender on CPU {args.pin.split(',')[0]}, capturing tool on "
+                                 f"CPU {args.pin.split(',')[1]}" if args.pin else "none"))
+            alone = one_run("none", sender, rx, 0, args)
+            print(f"sender alone (nothing capturing), as fast as it goes: "
+                  f"{alone['pps']:.0f} frames/s", flush=True)
+            active = list(tools)
+            for rate in rates:
+                if not active:
+                    break
+                print(f"rate {_rate_name(rate)}: {', '.join(active)}", flush=True)
+                step({t: rate for t in active})
+                for t in list(active):
+                    if not clean(t, rate):
+                        bad[t] = rate
+                        active.remove(t)
+                        continue
+                    good[t] = rate
+                    if rate <= 0 or pps(t, rate) < SATURATED * rate:
+                        ceiling.add(t)
+                        active.remove(t)
+            for _ in range(args.bisect):
+                plan: dict[str, int] = {}
+                for t in bad:
+                    lo = pps(t, good[t]) if t in good and good[t] <= 0 else good.get(t, 0)
+                    hi = bad[t] if bad[t] > 0 else pps(t, bad[t])
+                    mid = int(round((lo + hi) / 2 / STEP) * STEP)
+                    if hi - lo > 2 * STEP and lo < mid < hi:
+                        plan[t] = mid
+                if not plan:
+                    break
+                print("bisect: " + ", ".join(f"{t} {r}" for t, r in plan.items()), flush=True)
+                step(plan)
+                for t, r in plan.items():
+                    if clean(t, r):
+                        good[t] = r
+                    else:
+                        bad[t] = r
+        finally:
+            teardown(tx, rx)
+
+    print(f"\nmedians over {args.runs} runs, {args.size}-byte frames, {args.seconds:g} s per "
+          f"run, {args.buffer_mib} MiB kernel buffer, sender {kind}, "
+          f"{'pinned to CPUs ' + args.pin if args.pin else 'not pinned'} "
+          f"(alone: {alone['pps']:.0f}/s); {time.monotonic() - started:.0f} s in all")
+    print("(sender/s: the rate the sender reached; the kernel delivers to the capture on the "
+          "sender's CPU, so a capture slows it down; lost: sent, neither received nor counted "
+          "as a drop)")
+    print(f"{'tool':<14} {'asked/s':>8} {'sender/s':>9} {'received':>10} {'drops':>9} "
+          f"{'lost':>6}  zero drops")
+    for (t, rate), rs in sorted(results.items(), key=lambda kv: (
+            TOOLS.index(kv[0][0]), kv[0][1] <= 0, kv[0][1])):
+        print(f"{t:<14} {_rate_name(rate):>8} {pps(t, rate):>9.0f} "
+              f"{med(r['received'] for r in rs):>10.0f} {med(r['drops'] for r in rs):>9.0f} "
+              f"{med(r['lost'] for r in rs):>6.0f}  {'yes' if clean(t, rate) else 'no'}")
+
     best: dict[str, float] = {}
+    print("\nhighest rate with zero drops in every run (the rate the sender reached there):")
     for t in tools:
-        # The rate the sender really reached, not the one asked for.
-        clean = [med(r["pps"] for r in results[t, rate]) for rate in rates
-                 if all(r["drops"] == 0 for r in results[t, rate])]
-        best[t] = max(clean, default=0)
-        print(f"highest rate with zero drops in every run, {t}: "
-              f"{f'{best[t]:.0f}/s' if best[t] else 'none'}")
-
-    def share(t: str, rate: int) -> float:
-        return float(med(r["received"] / max(1, r["sent"]) for r in results[t, rate]))
-
-    if "tcpdump" in tools:
-        for t in ("ring", "recvmsg"):
-            if t not in tools:
+        if t not in good:
+            best[t] = 0.0
+            print(f"  {t:<14} none (drops already at {_rate_name(bad[t])})")
+            continue
+        # The highest rate the sender reached in a step without drops.
+        top = max((r for u, r in results if u == t and clean(t, r)), key=lambda r: pps(t, r))
+        best[t] = pps(t, top)
+        if t in ceiling:
+            note = (f"no drops; asked {_rate_name(good[t])}, the sender reached only "
+                    f"{pps(t, good[t]):.0f}/s while it captured: its limit is higher")
+        elif t in bad:
+            rs = results[t, bad[t]]
+            hit = [r["drops"] / max(1, r["sent"]) for r in rs if r["drops"]]
+            note = (f"drops at {_rate_name(bad[t])} (sender {pps(t, bad[t]):.0f}/s) in "
+                    f"{len(hit)} of {len(rs)} runs, up to {max(hit):.1%} of the frames")
+        else:
+            note = "the ladder ended"
+        print(f"  {t:<14} asked {_rate_name(top):>8}, sender {best[t]:>8.0f}/s"
+              f"{'+' if t in ceiling else ' '}  {note}")
+    if "tcpdump" in tools and best.get("tcpdump"):
+        for t in tools:
+            if t == "tcpdump":
                 continue
-            ratio = best[t] / best["tcpdump"] if best["tcpdump"] else float("nan")
-            got = [share(t, rate) / max(1e-9, share("tcpdump", rate)) for rate in rates]
-            print(f"egressd {t}/tcpdump: zero-drop rate ratio {ratio:.2f}; share of sent "
-                  "frames received, ratio per rate " + ", ".join(f"{g:.2f}" for g in got))
+            ratio = best[t] / best["tcpdump"]
+            bound = ("" if t not in ceiling and "tcpdump" not in ceiling else
+                     " (one or both without drops up to where the sender fell short: "
+                     "not their limits)")
+            print(f"egressd {t}/tcpdump zero-drop rate ratio {ratio:.2f}{bound}")
     return 0
 
 
