@@ -7,7 +7,7 @@ whole process (start-up included):
 
 * egressd:   python -m egressd audit --policy examples/policy.yaml --format json
              --output /dev/null --fail-on never FILE     (default --jobs: the cores)
-* egressd-j1: the same with --jobs 1 (one process)
+* egressd-j1, egressd-j2: the same with --jobs 1 and --jobs 2
 * tshark:    tshark -q -n -r FILE -z conv,ip
 * reference: python bench/ref_aggregator.py FILE
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ("egressd", "egressd-j1", "tshark", "reference")
+TOOLS = ("egressd", "egressd-j1", "egressd-j2", "tshark", "reference")
 
 
 def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
@@ -70,6 +70,7 @@ def commands(path: Path, policy: Path) -> dict[str, list[str] | None]:
     return {
         "egressd": egressd,
         "egressd-j1": [*egressd[:-1], "--jobs", "1", egressd[-1]],
+        "egressd-j2": [*egressd[:-1], "--jobs", "2", egressd[-1]],
         "tshark": None if tshark is None else [tshark, "-q", "-n", "-r", str(path),
                                                "-z", "conv,ip"],
         "reference": [sys.executable, str(ROOT / "bench" / "ref_aggregator.py"), str(path)],
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             active.append(tool)
     if not args.policy.exists():
-        for tool in ("egressd", "egressd-j1"):
+        for tool in ("egressd", "egressd-j1", "egressd-j2"):
             if tool in active:
                 print(f"note: policy {args.policy} not found; skipping {tool}")
                 active.remove(tool)
@@ -151,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         medians[tool] = med
         spread = ", ".join(f"{t:.2f}" for t in times[tool])
         print(f"{tool:<11} {med:9.2f} {args.packets / med:12,.0f}   {spread}")
-    if "egressd" in medians:
-        for other in ("egressd-j1", "tshark", "reference"):
-            if other in medians:
-                ratio = medians["egressd"] / medians[other]
-                faster = (f"egressd {1 / ratio:.1f}x faster" if ratio < 1
-                          else f"egressd {ratio:.1f}x slower")
-                print(f"egressd/{other} wall-time ratio: {ratio:.2f} ({faster})")
+    for base in ("egressd", "egressd-j1", "egressd-j2"):
+        if base not in medians:
+            continue
+        for other in ("egressd-j1", "egressd-j2", "tshark", "reference"):
+            if other in medians and other != base and not (
+                    base.startswith("egressd-") and other.startswith("egressd-") and other < base):
+                ratio = medians[base] / medians[other]
+                faster = (f"{base} {1 / ratio:.1f}x faster" if ratio < 1
+                          else f"{base} {ratio:.1f}x slower")
+                print(f"{base}/{other} wall-time ratio: {ratio:.2f} ({faster})")
     return 1 if failed else 0
 
 
