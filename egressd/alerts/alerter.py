@@ -129,8 +129,9 @@ class Alerter:
         of its group (and perhaps passed on as a refresh).  Never raises for a
         sink's failure and never waits for the network.
         """
-        if not should_alert(record, alert_on_unknown=self.config.alert_on_unknown):
-            return None
+        if not self.sinks or not should_alert(record,
+                                              alert_on_unknown=self.config.alert_on_unknown):
+            return None  # no sink configured: nothing to group, count or send
         with self._lock:
             if self._closed:
                 return None
