@@ -50,6 +50,8 @@ import threading
 import time
 from pathlib import Path
 
+import vethlab
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -145,28 +147,11 @@ def child_recv(ifname: str, ring: bool, buffer_bytes: int, decode: bool) -> None
 # -- the run -------------------------------------------------------------------------------
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
 def setup(tag: str) -> tuple[str, str]:
-    tx, rx = f"egb-{tag}-tx", f"egb-{tag}-rx"
-    for ns in (tx, rx):
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        # No IPv6 neighbour discovery or MLD: the sender's frames are all there is.
-        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-           "net.ipv6.conf.default.disable_ipv6=1")
-    sh("ip", "link", "add", TX_IF, "netns", tx, "type", "veth", "peer", RX_IF, "netns", rx)
-    sh("ip", "-n", tx, "link", "set", TX_IF, "up")
-    sh("ip", "-n", rx, "link", "set", RX_IF, "up")
-    sh("ip", "-n", rx, "link", "set", RX_IF, "address", "02:00:00:00:00:03")
-    return tx, rx
+    return vethlab.setup("egb", tag, TX_IF, RX_IF)
 
 
-def teardown(tx: str, rx: str) -> None:
-    for ns in (tx, rx):
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+teardown = vethlab.teardown
 
 
 def _tcpdump_counts(text: str) -> tuple[int, int, int]:

@@ -47,11 +47,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import vethlab
+
 ROOT = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
 TX_IF, RX_IF = "flood-tx", "flood-rx"
-RX_MAC = "02:00:00:00:00:03"
+RX_MAC = vethlab.RX_MAC
 CLONE_NEWNET = 0x4000_0000
 FIRST, LAST = 0x0100_0000, 0xDF00_0000  # 1.0.0.0 up to the multicast range
 STRIDE = 2_654_435_761  # odd and prime: i -> FIRST + i * STRIDE mod span is one-to-one
@@ -112,27 +114,11 @@ def child_send(ifname: str, start: int, count: int, rate: int) -> None:
 # -- namespaces --------------------------------------------------------------------------------
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
 def setup(tag: str) -> tuple[str, str]:
-    tx, rx = f"egf-{tag}-tx", f"egf-{tag}-rx"
-    for ns in (tx, rx):
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-           "net.ipv6.conf.default.disable_ipv6=1")
-    sh("ip", "link", "add", TX_IF, "netns", tx, "type", "veth", "peer", RX_IF, "netns", rx)
-    sh("ip", "-n", rx, "link", "set", RX_IF, "address", RX_MAC)
-    sh("ip", "-n", tx, "link", "set", TX_IF, "up")
-    sh("ip", "-n", rx, "link", "set", RX_IF, "up")
-    return tx, rx
+    return vethlab.setup("egf", tag, TX_IF, RX_IF)
 
 
-def teardown(tx: str, rx: str) -> None:
-    for ns in (tx, rx):
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+teardown = vethlab.teardown
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
