@@ -163,3 +163,84 @@ def test_daemon_names_flows_and_routes_by_name(lab: Lab, geodb: Path,  # noqa: F
 
 def tcp_alerts(tmp: Path) -> list[dict[str, object]]:
     return [a for a in alerts(tmp) if a["proto"] == "tcp"]
+
+
+# -- the per-batch path without sockets: holds and names switched off -------------------
+
+LOCAL = """\
+home_countries: [CN]
+internal_networks: [10.0.0.0/8]
+interfaces: [lo]
+geoip: {{country_db: {db}}}
+alerts: {{jsonl: {jsonl}, suppress_seconds: 0, spool_dir: {spool}}}
+names: {{enabled: {enabled}, hold_seconds: 2}}
+"""
+SEC = 1_000_000_000
+
+
+def local_daemon(tmp: Path, geodb_path: Path, *, enabled: bool) -> Any:
+    """The daemon's pipeline on ``process_batch`` (no sockets), on a clock the test sets."""
+    from egressd.daemon import Daemon as LiveDaemon
+
+    cfg = tmp / "local.yaml"
+    cfg.write_text(LOCAL.format(db=geodb_path, jsonl=tmp / "alerts.jsonl", spool=tmp / "spool",
+                                enabled="true" if enabled else "false"))
+    d = LiveDaemon(str(cfg), serve_metrics=False, clock=lambda: now[0])
+    d.rt = d._first_load()
+    d.build_pipeline()
+    return d
+
+
+now = [1_772_352_000 * SEC]
+
+
+def feed(d: Any, *packets: bytes) -> None:
+    from egressd.decode.linktypes import LINKTYPE_RAW
+    from egressd.model import RecordBatch
+
+    batch = RecordBatch.from_packets([(now[0] + i, LINKTYPE_RAW, p)
+                                      for i, p in enumerate(packets)])
+    d.process_batch("lo", batch)
+
+
+def test_hold_until_data_or_timeout_and_names_off(geodb: Path, tmp_path: Path) -> None:  # noqa: F811
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.packet import Raw
+
+    answer = dns.message.make_response(dns.message.make_query("api.vendor.example", "A"))
+    answer.answer.append(dns.rrset.from_text("api.vendor.example.", 300, "IN", "A",
+                                             "203.0.113.9"))
+    dns_pkt = bytes(IP(src="8.8.8.8", dst="10.0.0.5") / UDP(sport=53, dport=5353)
+                    / Raw(answer.to_wire()))
+    syn = bytes(IP(src="10.0.0.5", dst="203.0.113.9") / TCP(sport=40000, dport=443, flags="S"))
+    syn2 = bytes(IP(src="10.0.0.5", dst="203.0.113.9") / TCP(sport=40001, dport=443, flags="S"))
+
+    d = local_daemon(tmp_path, geodb, enabled=True)
+    feed(d, dns_pkt, syn)
+    feed(d, syn2)
+    # Both TCP flows wait: no data yet on either.
+    assert [a["dst_port"] for a in alerts(tmp_path) if a["proto"] == "tcp"] == []
+    # Data that is no ClientHello decides the second at once, with its DNS name.
+    feed(d, bytes(IP(src="10.0.0.5", dst="203.0.113.9") / TCP(sport=40001, dport=443,
+                                                              flags="PA") / Raw(b"GET /")))
+    got = [a for a in alerts(tmp_path) if a["proto"] == "tcp"]
+    assert [(a["src_port"], a["server_name"], a["name_source"]) for a in got] == [
+        (40001, "api.vendor.example", "dns")]
+    # The first is decided when its hold runs out (the wall clock of the daemon).
+    now[0] += 3 * SEC
+    d._release_held(now[0])
+    d.alerter.flush_lines()
+    got = [a for a in alerts(tmp_path) if a["proto"] == "tcp"]
+    assert sorted(a["src_port"] for a in got) == [40000, 40001]
+    assert all(a["server_name"] == "api.vendor.example" for a in got)
+    d.alerter.close(2)
+
+    # names.enabled: false — no names, nothing held.
+    other = tmp_path / "off"
+    other.mkdir()
+    d = local_daemon(other, geodb, enabled=False)
+    assert d.names is None
+    feed(d, dns_pkt, syn)
+    got = [a for a in alerts(other) if a["proto"] == "tcp"]
+    assert [(a["src_port"], a["server_name"]) for a in got] == [(40000, None)]
+    d.alerter.close(2)
