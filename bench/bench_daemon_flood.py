@@ -29,6 +29,7 @@ fresh daemon.  Needs root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -69,6 +70,7 @@ flows:
   idle_timeout_seconds: {{tcp: 600, udp: 600, other: 600}}
   active_timeout_seconds: 600
   max_flows: {max_flows}
+capture_workers: {workers}
 """
 
 
@@ -160,11 +162,28 @@ def total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) ->
     return sum(v for (n, _), v in m.items() if n == name)
 
 
-def status_kib(pid: int, field: str) -> int:
+def _own_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def status_kib(pid: int, field: str) -> int:
+    """``field`` of ``/proc/PID/status`` summed over the daemon and its capture processes."""
+    total = _own_kib(pid, field)
+    for child in _children(pid):
+        with contextlib.suppress(OSError, KeyError):
+            total += _own_kib(child, field)
+    return total
 
 
 class Sampler:
@@ -199,7 +218,8 @@ def one_run(run: int, tx: str, rx: str, args: argparse.Namespace) -> dict[str, f
             port = int(s.getsockname()[1])  # free in the host, so almost surely in rx too
         config = Path(tmp) / "egressd.yaml"
         config.write_text(CONFIG.format(iface=RX_IF, cache=args.cache_size, port=port,
-                                        spool=Path(tmp) / "spool", max_flows=args.max_flows))
+                                        spool=Path(tmp) / "spool", max_flows=args.max_flows,
+                                        workers=args.workers))
         log = open(Path(tmp) / "daemon.log", "w")  # noqa: SIM115
         daemon = subprocess.Popen(["ip", "netns", "exec", rx, sys.executable, "-m", "egressd",
                                    "run", "--config", str(config)], cwd=ROOT, stdout=log,
@@ -289,6 +309,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=8_000,
                     help="frames per second sent (each a new flow: keep it below what the "
                     "daemon decides per second, or the kernel drops the excess)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="capture_workers of the daemon (PACKET_FANOUT processes)")
     ap.add_argument("--child-send", metavar="IF")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--count", type=int, default=0)
@@ -325,7 +347,8 @@ def main() -> int:
         return float(statistics.median(r[key] for r in results))
 
     print(f"\nmedians over {args.runs} runs of {args.rounds} rounds x {args.remotes} distinct "
-          f"remotes at {args.rate}/s, max_flows {args.max_flows}, "
+          f"remotes at {args.rate}/s, {args.workers} capture process(es), "
+          f"max_flows {args.max_flows}, "
           f"geoip.cache_size {args.cache_size}:")
     print(f"  idle RSS {med('idle_mib'):.0f} MiB, peak RSS {med('peak_mib'):.0f} MiB, "
           f"peak/idle {statistics.median(r['peak_mib'] / r['idle_mib'] for r in results):.2f}")

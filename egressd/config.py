@@ -809,6 +809,7 @@ class NamesConfig(_Model):
 
 class _FullDocument(_PolicyKeys):
     interfaces: tuple[Interface, ...] | None = None
+    capture_workers: Annotated[int, Field(ge=1, le=64)] = 1
     capture_filter: Text | None = "ip or ip6"
     promiscuous: bool = False
     geoip: Annotated[GeoIPConfig, BeforeValidator(_section)] = GeoIPConfig()
@@ -823,6 +824,7 @@ class _PolicyDocument(_PolicyKeys):
     """The policy keys checked; the daemon's keys allowed but not looked at."""
 
     interfaces: Any = None
+    capture_workers: Any = None
     capture_filter: Any = None
     promiscuous: Any = None
     geoip: Any = None
@@ -840,6 +842,8 @@ class Config:
     policy: Policy
     interfaces: tuple[str, ...] = ()
     """Interfaces to capture on (empty: the daemon refuses to start live capture)."""
+    capture_workers: int = 1
+    """Processes that share the capture (PACKET_FANOUT by flow hash)."""
     capture_filter: str | None = "ip or ip6"
     """BPF filter for the capture; None: every packet."""
     promiscuous: bool = False
@@ -1087,6 +1091,11 @@ def _check_metrics(parsed: _FullDocument, doc: _Document, policy: Policy) -> Non
 
 
 def _check_interfaces(parsed: _FullDocument, doc: _Document) -> None:
+    if parsed.capture_workers > 1 and parsed.internal_networks and "auto" in (
+            parsed.internal_networks):
+        raise doc.error(("capture_workers",), "needs internal_networks listed: 'auto' (the "
+                        "gateway's own networks, followed over netlink) works with one capture "
+                        "process only", parsed.capture_workers)
     seen: set[str] = set()
     for i, name in enumerate(parsed.interfaces or ()):
         if name in seen:
@@ -1119,6 +1128,7 @@ def parse_config(data: bytes, name: str, *, now: datetime | None = None) -> Conf
     return Config(
         policy=policy,
         interfaces=parsed.interfaces or (),
+        capture_workers=parsed.capture_workers,
         capture_filter=parsed.capture_filter,
         promiscuous=parsed.promiscuous,
         geoip=parsed.geoip,

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -49,6 +49,9 @@ from egressd.notify import Notifier
 from egressd.policy import Policy
 from egressd.privileges import drop_privileges
 from egressd.sources.live import LiveSource
+
+if TYPE_CHECKING:
+    from egressd.workers import DnsFeed, WorkerLink
 
 log = logging.getLogger("egressd")
 
@@ -151,6 +154,11 @@ class Daemon:
         self._active: deque[tuple[int, Flow]] = deque()
         self._held: deque[tuple[int, Flow]] = deque()
         self.names: NameTracker | None = None
+        self.link: WorkerLink | None = None
+        """Set in a capture process: alerts and metrics go to the supervisor."""
+        self.fanout: int | None = None
+        """PACKET_FANOUT group of a capture process."""
+        self._dns_feed: DnsFeed | None = None
         self._names_seen: dict[str, int] = {}
         self._geoip_error: tuple[object, ...] | None = None
         # Metric children by label values: labels() checks and locks on every
@@ -189,6 +197,10 @@ class Daemon:
         rt = self._first_load()
         self.rt = rt
         config = rt.config
+        if config.capture_workers > 1:
+            from egressd.workers import supervise
+
+            return supervise(self, rt)
         web_config = config.metrics.load_web_config()
         # Open the capture sockets, then give up every capability but
         # CAP_NET_RAW before any other thread starts: capabilities are per
@@ -245,9 +257,68 @@ class Daemon:
 
     def _open_source(self, config: Config) -> LiveSource:
         return LiveSource(config.interfaces, bpf_filter=config.capture_filter,
-                          promiscuous=config.promiscuous)
+                          promiscuous=config.promiscuous, fanout=self.fanout)
 
-    def build_pipeline(self) -> None:
+    def run_capture_process(self) -> int:
+        """A capture process of several (see :mod:`egressd.workers`); needs :attr:`link`."""
+        from egressd.workers import DnsFeed
+
+        link = self.link
+        assert link is not None
+        self.rt = self._first_load()
+        config = self.rt.config
+        source = self._open_source(config)
+        self._dns_feed = DnsFeed(config.interfaces)
+        drop_privileges()
+        self._dns_feed.start()
+        self.build_pipeline(alerts=False)
+        link.ready()
+        try:
+            while not self.stop_event.is_set():
+                self._capture(source)
+                if not self.stop_event.is_set():
+                    self._interrupt.clear()
+                    source.close()
+                    source = self._open_source(self.rt.config)
+        finally:
+            source.close()
+            self._dns_feed.close()
+            self._shutdown()
+            link.metrics(self.registry)
+            link.close()
+        return 0
+
+    def reload_supervisor(self) -> bool:
+        """The supervisor's part of a reload: check the files, then take the new settings."""
+        self._reload_requested = False
+        old = self.rt
+        assert old is not None
+        self.notifier.reloading()
+        try:
+            new = load_runtime(self.config_path, old=old)
+        except Exception as e:  # any failure keeps the running config
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.metrics.reload_success.set(0)
+            self.notifier.ready(self._status())
+            return False
+        self.rt = new
+        oc, nc = old.config, new.config
+        if nc.alerts != oc.alerts or nc.sensor_name != oc.sensor_name:
+            if self.alerter is not None:
+                self.alerter.close(STOP_TIMEOUT_SECONDS)
+            self.alerter = Alerter(nc.alerts, sensor=nc.sensor_name, metrics=self.metrics,
+                                   clock=self.clock, batch_lines=True)
+        if nc.capture_workers != oc.capture_workers or nc.interfaces != oc.interfaces:
+            log.warning("capture_workers and interfaces with several processes change at the "
+                        "next restart")
+        self._publish_static(new)
+        self.metrics.reload_success.set(1)
+        self.metrics.reload_time.set(time.time())
+        log.info("configuration reloaded from %s", self.config_path)
+        self.notifier.ready(self._status())
+        return True
+
+    def build_pipeline(self, *, alerts: bool = True) -> None:
         """The stages after the capture source: alerts, names, the flow table.
 
         Needs :attr:`rt` loaded.  Separate from :meth:`run` so that the
@@ -256,8 +327,9 @@ class Daemon:
         rt = self.rt
         assert rt is not None
         config = rt.config
-        self.alerter = Alerter(config.alerts, sensor=config.sensor_name, metrics=self.metrics,
-                               clock=self.clock, batch_lines=True)
+        if alerts:
+            self.alerter = Alerter(config.alerts, sensor=config.sensor_name,
+                                   metrics=self.metrics, clock=self.clock, batch_lines=True)
         self.names = self._name_tracker(config)
         self.table = FlowTable(_timeouts(config), on_new=self._on_new)
 
@@ -276,8 +348,13 @@ class Daemon:
             m.decode_errors.labels(reason).inc(count)
         before = dict(table.errors)
         names = self.names
+        feed = self._dns_feed
+        if feed is not None:
+            from egressd.workers import observe_dns
+
+            feed.drain(observe_dns(self))
         if names is not None:
-            names.observe(batch, dec)
+            names.observe(batch, dec, dns=feed is None)
         table.process(dec)
         if names is not None:
             for flow in names.attach(table):
@@ -396,6 +473,10 @@ class Daemon:
                 live.alert_pending = True
 
     def _alert(self, record: FlowRecord) -> None:
+        if self.link is not None:
+            self.link.alert(record, self._interface, self.clock())
+            self.alerts += 1
+            return
         if self.alerter is not None and self.alerter.observe(
                 record, interface=self._interface, now_ns=self.clock()) is not None:
             self.alerts += 1
@@ -429,7 +510,11 @@ class Daemon:
         for flow in table.finished:
             self._account(flow, ended=True)
         table.finished.clear()
-        limit = self.rt.config.flows.max_flows if self.rt else 0
+        limit = 0
+        if self.rt is not None:
+            flows = self.rt.config
+            # Several capture processes share flows.max_flows.
+            limit = -(-flows.flows.max_flows // flows.capture_workers)
         while limit and len(table) > limit:
             evicted = table.evict_oldest()
             if evicted is None:
@@ -464,6 +549,8 @@ class Daemon:
             self._active.append((now_ns + period, flow))
         self.metrics.active_flows.set(len(table))
         self._publish_names()
+        if self.link is not None:
+            self.link.metrics(self.registry)
         for iface, (packets, drops) in source.stats().items():
             seen = self._kernel_seen.get(iface, (0, 0))
             if packets > seen[0]:
@@ -541,7 +628,8 @@ class Daemon:
                 self._names_seen = {}
             if self.names is None:
                 self._release_held(2**63 - 1)
-        if nc.alerts != oc.alerts or nc.sensor_name != oc.sensor_name:
+        # (A capture process of several has no sinks: the supervisor owns them.)
+        if self.link is None and (nc.alerts != oc.alerts or nc.sensor_name != oc.sensor_name):
             if self.alerter is not None:
                 self.alerter.close(STOP_TIMEOUT_SECONDS)
             self.alerter = Alerter(nc.alerts, sensor=nc.sensor_name, metrics=self.metrics,
@@ -583,6 +671,7 @@ class Daemon:
         self.notifier.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        log.info("stopped after %d packets, %d alerts; %d open flows accounted", self.packets,
-                 self.alerts, flushed)
+        who = "" if self.link is None else f"capture process {self.link.index} "
+        log.info("%sstopped after %d packets, %d alerts; %d open flows accounted", who,
+                 self.packets, self.alerts, flushed)
 

@@ -76,7 +76,7 @@ def route_with(old: str, new: str) -> str:
 
 TOP_KEYS = (
     "home_countries, internal_networks, zones, unknown_country, routes, interfaces, "
-    "capture_filter, promiscuous, geoip, metrics, alerts, flows, names, sensor"
+    "capture_workers, capture_filter, promiscuous, geoip, metrics, alerts, flows, names, sensor"
 )
 ROUTE_KEYS = "name, approval, from, to, protocols, ports, expires"
 
@@ -208,6 +208,17 @@ BAD: list[tuple[str, str | bytes, str]] = [
         "home_countries: [CN]\nnames:\n  hold_second: 1\n",
         "policy.yaml:3: names.hold_second: unknown key (expected one of: enabled, dns_entries, "
         "hold_seconds)",
+    ),
+    (
+        "no capture process",
+        "home_countries: [CN]\ncapture_workers: 0\n",
+        "policy.yaml:2: capture_workers: 0: expected a number of at least 1",
+    ),
+    (
+        "several capture processes with auto internal networks",
+        "home_countries: [CN]\ninternal_networks: [auto]\ncapture_workers: 4\n",
+        "policy.yaml:3: capture_workers: 4: needs internal_networks listed: 'auto' (the "
+        "gateway's own networks, followed over netlink) works with one capture process only",
     ),
     (
         "negative hold",

@@ -96,8 +96,14 @@ class NameTracker:
 
     # -- per batch ---------------------------------------------------------------
 
-    def observe(self, batch: RecordBatch, dec: Decoded) -> None:
-        """Read the names a batch carries; call before the flow table counts it."""
+    def observe(self, batch: RecordBatch, dec: Decoded, *, dns: bool = True,
+                hellos: bool = True) -> None:
+        """Read the names a batch carries; call before the flow table counts it.
+
+        ``dns=False`` leaves DNS answers out (a process that gets every DNS
+        answer from a capture of its own); ``hellos=False`` reads DNS answers
+        only (that capture).
+        """
         d = batch.data
         if d.size == 0:
             return
@@ -116,8 +122,10 @@ class NameTracker:
         start[iu] = l4[iu] + 8
         plen = np.where(start >= 0, dec.l4_end - start, 0)
         has = plen > 0
-        dns = has & (tcp | udp) & (dec.sport == DNS_PORT) & (plen >= 12)
-        head = np.flatnonzero(has & (plen >= 6))
+        dns_rows = has & (tcp | udp) & (dec.sport == DNS_PORT) & (plen >= 12)
+        if not dns:
+            dns_rows[:] = False
+        head = np.flatnonzero(has & (plen >= 6)) if hellos else np.zeros(0, dtype=np.int64)
         tls = np.zeros(len(dec), dtype=bool)
         quic = np.zeros(len(dec), dtype=bool)
         if head.size:
@@ -136,15 +144,17 @@ class NameTracker:
                 initial = ((version == _QUIC_V1) & (kind == 0)) | ((version == _QUIC_V2)
                                                                    & (kind == 1))
                 quic[hq[initial]] = True
-        rows = np.flatnonzero(dns | tls | quic)
+        rows = np.flatnonzero(dns_rows | tls | quic)
         for i in rows.tolist():
             payload = d[start[i]:dec.l4_end[i]].tobytes()
-            if dns[i]:
+            if dns_rows[i]:
                 self._dns(dec, i, payload, bool(tcp[i]))
             elif tls[i]:
                 self._hello_start(dec, i, payload, d)
             else:
                 self._quic_datagram(dec, i, payload)
+        if not hellos:
+            return
         if self._tls:
             self._continuations(dec, d, tcp & has & ~tls, start)
         if self.watch_payload:

@@ -96,6 +96,9 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_STATISTICS = 6
 PACKET_OUTGOING = 4
+PACKET_FANOUT = 18
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 SO_TIMESTAMPNS = 35
@@ -301,6 +304,12 @@ class LiveSource:
     to ``recvmsg`` where it cannot be set up); its frames wait at most
     ``batch_timeout`` in the kernel.
 
+    ``fanout`` joins each interface's socket to the ``PACKET_FANOUT`` group
+    ``fanout + i`` (``i``: the interface's place in ``interfaces``) in hash
+    mode, with IP fragments reassembled before the hash: sources in several
+    processes with the same ``fanout`` share the traffic, each flow (both
+    directions) going to one of them.
+
     Raises :class:`FilterError` for a filter that does not compile and
     ``PermissionError`` without ``CAP_NET_RAW``.
     """
@@ -310,7 +319,7 @@ class LiveSource:
                  batch_timeout: float = 0.05, clock: Callable[[], int] = time.time_ns,
                  snaplen: int = 262144, buffer_bytes: int = 8 << 20,
                  reopen_interval: float = 2.0, ring: bool = True,
-                 ring_bytes: int = 32 << 20) -> None:
+                 ring_bytes: int = 32 << 20, fanout: int | None = None) -> None:
         names = list(dict.fromkeys(interfaces))
         if not names:
             raise ValueError("no interface to capture from")
@@ -332,6 +341,8 @@ class LiveSource:
         self.reopen_interval = reopen_interval
         self.ring = ring
         self.ring_bytes = ring_bytes
+        self.fanout = fanout
+        self._index = {name: i for i, name in enumerate(names)}
         self._capacity = batch_packets * _AVG_FRAME + self.snaplen
         self._programs: dict[tuple[int, bool], list[Insn]] = {}
         self._lock = threading.Lock()
@@ -516,6 +527,10 @@ class LiveSource:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer_bytes)
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind((name, ETH_P_ALL))
+            if self.fanout is not None:
+                group = (self.fanout + self._index[name]) & 0xFFFF
+                mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+                sock.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("=I", group | mode << 16))
             sock.setblocking(False)
             # Counters start from this socket's first frame.
             sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, STATS_V3.size)
