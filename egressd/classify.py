@@ -79,6 +79,8 @@ class Classifier:
         self._cache: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
         self._cache_size = cache_size
         self._addrs: dict[tuple[bytes, int], _Addr] = {}
+        self._src_masks: dict[bytes | None, int] = {}
+        self._dst_masks: dict[str, int] = {}
         self._expiries = sorted({r.expires_ns for r in policy.routes if r.expires_ns is not None})
 
     def _addr(self, addr16: bytes, version: int) -> _Addr:
@@ -155,9 +157,34 @@ class Classifier:
     def verdict(self, proto: int, internal: bytes | None, remote_ip: str, service_port: int | None,
                 first_ns: int, geo: GeoInfo, zone: str | None,
                 names: tuple[str, ...] = ()) -> Verdict:
-        """The policy's verdict, cached by everything it depends on."""
+        """The policy's verdict, cached by everything it depends on.
+
+        Not by the addresses themselves: by which routes' ``from`` the internal
+        address satisfies and which routes' networks hold the remote one
+        (:meth:`Policy.source_mask`), so that the thousands of flows between
+        different hosts that the routes treat alike share one answer.
+        """
         epoch = bisect.bisect_right(self._expiries, first_ns)
-        key = (internal, zone, remote_ip, proto, service_port, epoch, names)
+        src = self._src_masks.get(internal)
+        if src is None:
+            src = self.policy.source_mask(
+                None if internal is None else packed(internal, 4 if internal[:12]
+                                                     == V4_MAPPED_PREFIX else 6), zone)
+            if len(self._src_masks) >= self._cache_size:
+                self._src_masks.clear()
+            self._src_masks[internal] = src
+        dst = self._dst_masks.get(remote_ip)
+        if dst is None:
+            try:
+                remote_packed: bytes | None = pack_ip(remote_ip)
+            except ValueError:
+                remote_packed = None
+            dst = self.policy.destination_mask(remote_packed)
+            if len(self._dst_masks) >= self._cache_size:
+                self._dst_masks.clear()
+            self._dst_masks[remote_ip] = dst
+        key = (geo.country, geo.asn, src, zone if internal is None else None, dst, proto,
+               service_port, epoch, names)
         hit = self._cache.get(key)
         if hit is not None:
             return hit

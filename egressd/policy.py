@@ -361,6 +361,37 @@ class Policy:
 
     # -- evaluation -----------------------------------------------------------
 
+    def source_mask(self, internal: bytes | None, zone: str | None) -> int:
+        """Which routes' ``from`` the packed internal address (or, without one, the
+        zone) satisfies: bit ``i`` for route ``i``.
+
+        With :meth:`destination_mask`, the country, the ASN, the protocol, the
+        service port, the expiries passed and the names, it is all
+        :meth:`evaluate` depends on: flows alike in these get the same verdict,
+        so a caller may cache verdicts by them.
+        """
+        mask = 0
+        for i, cr in enumerate(self._compiled):
+            src_nets = cr.src_nets
+            if src_nets is None:
+                ok = True
+            elif internal is None:
+                ok = zone is not None and zone in cr.src_zones
+            else:
+                ok = src_nets.contains(internal)
+            if ok:
+                mask |= 1 << i
+        return mask
+
+    def destination_mask(self, remote: bytes | None) -> int:
+        """Which routes' ``to.networks`` contain the packed remote address (bit ``i``)."""
+        mask = 0
+        if remote is not None:
+            for i, cr in enumerate(self._compiled):
+                if cr.dest_nets is not None and cr.dest_nets.contains(remote):
+                    mask |= 1 << i
+        return mask
+
     def evaluate(self, ep: FlowEndpoints, geo: GeoInfo, zone: str | None) -> Verdict:
         """The verdict for one flow whose remote end is not internal.
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mmdb_builder import build_mmdb
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from egressd.classify import Classifier, ip_text
+from egressd.classify import Classifier, addr16, ip_text
 from egressd.config import parse_config
 from egressd.decode.batch import decode_batch
 from egressd.decode.linktypes import LINKTYPE_RAW
 from egressd.flows import FlowTable
-from egressd.geo import CachedResolver, MaxMindResolver
+from egressd.geo import CachedResolver, MaxMindResolver, open_resolver
 from egressd.model import FlowRecord, Initiator, Reason, RecordBatch, VerdictKind
 
 NS = 10**9
@@ -140,3 +142,86 @@ def test_icmp_ports_are_type_and_code_and_ipv6_works(classifier: Classifier) -> 
 def test_ip_text_prints_mapped_addresses_as_ipv4() -> None:
     assert ip_text(b"\x00" * 10 + b"\xff\xff" + bytes([1, 2, 3, 4])) == "1.2.3.4"
     assert ip_text(bytes(15) + b"\x01") == "::1"
+
+
+CACHE_POLICY = b"""
+home_countries: [CN]
+zones:
+  a: [10.1.0.0/16]
+  b: [10.2.0.0/16, 10.1.5.0/24]
+routes:
+  - name: nets-from-a
+    approval: R1
+    from: [a]
+    to: {networks: [203.0.113.0/25, "2001:db8:1::/48"]}
+  - name: hk-tcp-443
+    approval: R2
+    from: [b, 10.3.0.0/16]
+    to: {countries: [HK]}
+    protocols: [tcp]
+    ports: [443]
+    expires: 2026-03-01T08:00:30Z
+  - name: asn-any
+    approval: R3
+    to: {asns: [64500], networks: [203.0.113.128/25]}
+    protocols: [udp]
+  - name: named
+    approval: R4
+    to: {countries: [US], names: ["*.vendor.example"]}
+"""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(["10.1.1.1", "10.1.5.9", "10.2.0.7", "10.3.3.3", "10.9.9.9", "fd00::1"]),
+    st.sampled_from(["203.0.113.5", "203.0.113.200", "198.51.100.1", "45.45.1.1",
+                     "2001:db8:1::9", "192.0.2.1"]),
+    st.sampled_from([6, 17, 1]),  # tcp, udp, icmp
+    st.sampled_from([443, 80, 53, None]),
+    st.integers(0, 60),
+    st.sampled_from([None, "HK", "US", "CN"]),
+    st.sampled_from([None, 64500]),
+    st.sampled_from([(), ("a.vendor.example",), ("other.example",)])), min_size=1, max_size=40))
+def test_cached_verdicts_equal_the_policy_for_every_flow(
+        flows: list[tuple[str, str, int, int | None, int, str | None, int | None,
+                          tuple[str, ...]]]) -> None:
+    """The verdict cache keys by route masks, not addresses: never a different answer."""
+    from egressd.model import FlowEndpoints
+    from egressd.model import GeoInfo as Geo
+    from egressd.policy import Policy
+
+    policy: Policy = parse_config(CACHE_POLICY, "policy.yaml").policy
+    clf = Classifier(policy, open_resolver(None, None), cache_size=8)  # small: evictions too
+    for internal, remote, proto, port, sec, country, asn, names in flows:
+        internal16 = addr16(internal)
+        zone = policy.zone_of(internal16)
+        geo = Geo(country, country, asn)
+        first = T0 + sec * NS
+        got = clf.verdict(proto, internal16, remote, port, first, geo, zone, names)
+        want = policy.evaluate(FlowEndpoints(proto, ip_text(internal16), remote, port, first,
+                                             names), geo, zone)
+        assert got == want, (internal, remote, proto, port, sec, country, asn, names)
+
+
+def test_cached_verdicts_tell_sources_and_destinations_apart() -> None:
+    """Same country, port and time; only the route masks of the two ends differ."""
+    from egressd.model import GeoInfo as Geo
+
+    policy = parse_config(CACHE_POLICY, "policy.yaml").policy
+    clf = Classifier(policy, open_resolver(None, None))
+    hk = Geo("HK", "HK")
+    at = T0 + 5 * NS
+    # From zone b the HK route applies; from a host in no zone it does not.
+    ok = clf.verdict(6, addr16("10.2.0.7"), "198.51.100.1", 443, at, hk, "b")
+    bad = clf.verdict(6, addr16("10.9.9.9"), "198.51.100.1", 443, at, hk, None)
+    assert (ok.verdict, ok.route) == (VerdictKind.APPROVED, "hk-tcp-443")
+    assert (bad.verdict, bad.reason) == (VerdictKind.VIOLATION, Reason.ZONE_NOT_ALLOWED)
+    # Into the first /25 from zone a the network route applies; into the other /25 not.
+    none = Geo()
+    inside = clf.verdict(17, addr16("10.1.1.1"), "203.0.113.5", 53, at, none, "a")
+    outside = clf.verdict(17, addr16("10.1.1.1"), "203.0.113.200", 53, at, none, "a")
+    assert (inside.verdict, inside.route) == (VerdictKind.APPROVED, "nets-from-a")
+    assert (outside.verdict, outside.route) == (VerdictKind.APPROVED, "asn-any")
+    # The same questions again come from the cache, with the same answers.
+    assert clf.verdict(6, addr16("10.9.9.9"), "198.51.100.1", 443, at, hk, None) == bad
+    assert clf.verdict(17, addr16("10.1.1.1"), "203.0.113.5", 53, at, none, "a") == inside
