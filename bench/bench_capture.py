@@ -8,6 +8,9 @@ listens on the other end:
 * ``ring-decode``    the same, and ``decode_batch`` on every batch (the daemon's next stage);
 * ``recvmsg``        LiveSource(ring=False): one recvmsg per frame;
 * ``recvmsg-decode`` the same with ``decode_batch`` (not in the default list);
+* ``ring-fanout2``, ``ring-decode-fanout2``  ``ring``/``ring-decode`` in two receiving
+  processes sharing the interface through one ``PACKET_FANOUT`` group (``fanout=``, flow
+  hash, as the daemon's ``capture_workers: 2``), counts summed (not in the default list);
 * ``tcpdump``        ``tcpdump -i IF -Z root -w /dev/null`` (when installed; ``-Z root``
   so that tcpdump, started as root, does not hand the output file to its own
   user: for /dev/null that would change the device's owner).
@@ -15,9 +18,13 @@ listens on the other end:
 The sender is ``tcpreplay`` (``--pps``/``--topspeed``, looping over a generated
 pcap held in memory) when installed, else a Python loop on a raw packet socket.
 All tools use the filter ``ip or ip6`` and the same kernel buffer size
-(``--buffer-mib``: ring size, socket buffer, ``tcpdump -B``).  The sender and
-the capturing tool are pinned to two different CPUs (``--pin``), so that a
-tool that burns more CPU does not slow the sender down by taking its core.
+(``--buffer-mib``: ring size, socket buffer, ``tcpdump -B`` -- per process).  The
+sender and the capturing tool are pinned to two different CPUs (``--pin``), so
+that a tool that burns more CPU does not slow the sender down by taking its core;
+of the two fanout members the first gets the capture's CPU, the second the
+sender's (with two CPUs there is no third).  The generated frames are 1000
+(tcpreplay) or 64 (Python sender) UDP flows, one source port each, for every
+tool alike, so that the fanout hash spreads them over the members.
 
 The rates are a ladder (``max``: as fast as the sender goes); at every step the
 tools still in the race run in alternation, ``--runs`` times, so background load
@@ -30,6 +37,7 @@ the rate the sender really reached there), and the ratios to tcpdump.  Needs roo
 
     python bench/bench_capture.py                            # default ladder, 3 runs
     python bench/bench_capture.py --rates 500000,1000000,max --runs 5 --bisect 3
+    python bench/bench_capture.py --tools ring,ring-decode,ring-fanout2,ring-decode-fanout2,tcpdump
 """
 
 from __future__ import annotations
@@ -56,10 +64,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TX_IF, RX_IF = "bench-tx", "bench-rx"
-TOOLS = ("ring", "ring-decode", "recvmsg", "recvmsg-decode", "tcpdump")
+TOOLS = ("ring", "ring-decode", "ring-fanout2", "ring-decode-fanout2", "recvmsg",
+         "recvmsg-decode", "tcpdump")
 DEFAULT_TOOLS = "ring,ring-decode,recvmsg,tcpdump"
 SATURATED = 0.95
 """A sender that reaches less than this share of the rate asked is at its ceiling."""
+FANOUT_GROUP = 0x4567
+"""The PACKET_FANOUT group id of the fanout tools (ids are per network namespace)."""
 STEP = 10_000
 """Bisection stops when the gap is this small (frames/s); midpoints are rounded to it."""
 
@@ -125,14 +136,15 @@ def child_send(ifname: str, rate: int, seconds: float, size: int) -> None:
     print(json.dumps({"sent": sent, "seconds": time.perf_counter() - start}), flush=True)
 
 
-def child_recv(ifname: str, ring: bool, buffer_bytes: int, decode: bool) -> None:
+def child_recv(ifname: str, ring: bool, buffer_bytes: int, decode: bool,
+               fanout: int | None) -> None:
     from egressd.decode.batch import decode_batch
     from egressd.sources.live import LiveSource
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     source = LiveSource([ifname], ring=ring, ring_bytes=buffer_bytes,
-                        buffer_bytes=buffer_bytes)
+                        buffer_bytes=buffer_bytes, fanout=fanout)
     got = 0
     print("ready", flush=True)
     for _, batch in source.batches(stop):
@@ -212,9 +224,35 @@ def _pin(cpus: str, which: int) -> list[str]:
     return ["taskset", "-c", cpus.split(",")[which]] if cpus else []
 
 
+def _tool(tool: str) -> tuple[str, bool, int]:
+    """``ring-decode-fanout2`` -> (capture mode, decode, processes in the fanout group; 0: none)."""
+    parts = tool.split("-")
+    members = next((int(p[6:]) for p in parts if p.startswith("fanout")), 0)
+    return parts[0], "decode" in parts, members
+
+
+def _pin_member(cpus: str, member: int) -> list[str]:
+    """Pinning of fanout member ``member``: the capture's CPU, then the sender's, in turn."""
+    return _pin(cpus, 1 - member % 2)
+
+
+def _describe_pin(cpus: str, tools: list[str]) -> str:
+    if not cpus:
+        return "none"
+    snd, capt = cpus.split(",")
+    text = f"sender on CPU {snd}, capturing tool on CPU {capt}"
+    members = max((_tool(t)[2] for t in tools if t != "tcpdump"), default=0)
+    if members:
+        where = ", ".join(f"{m + 1} on CPU {_pin_member(cpus, m)[-1]}" for m in range(members))
+        text += (f"; fanout members {where} (with two CPUs one member shares the sender's CPU, "
+                 "where veth also does the kernel's side of every capture)")
+    return text
+
+
 def one_run(tool: str, sender: Sender, rx: str, rate: int, args: argparse.Namespace) -> Run:
     me = [sys.executable, str(Path(__file__).resolve())]
     cap: subprocess.Popen[str] | None = None
+    caps: list[subprocess.Popen[str]] = []
     if tool == "tcpdump":
         kib = str(args.buffer_mib * 1024)
         cap = subprocess.Popen(["ip", "netns", "exec", rx, *_pin(args.pin, 1), "tcpdump",
@@ -224,33 +262,51 @@ def one_run(tool: str, sender: Sender, rx: str, rate: int, args: argparse.Namesp
         assert cap.stderr is not None
         cap.stderr.readline()  # "listening on …": the ring is set up
     elif tool != "none":
-        mode, _, decode = tool.partition("-")
-        cap = subprocess.Popen(["ip", "netns", "exec", rx, *_pin(args.pin, 1), *me,
-                                "--child-recv", RX_IF, "--mode", mode,
-                                "--buffer-mib", str(args.buffer_mib),
-                                *(["--decode"] if decode else [])],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert cap.stdout is not None
-        if cap.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{tool} did not start: {cap.stderr.read() if cap.stderr else ''}")
+        mode, decode, members = _tool(tool)
+        for member in range(max(1, members)):
+            pin = _pin_member(args.pin, member) if members else _pin(args.pin, 1)
+            caps.append(subprocess.Popen(
+                ["ip", "netns", "exec", rx, *pin, *me, "--child-recv", RX_IF, "--mode", mode,
+                 "--buffer-mib", str(args.buffer_mib), *(["--decode"] if decode else []),
+                 *(["--fanout", str(FANOUT_GROUP)] if members else [])],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
+        for c in caps:
+            # Every member has joined the group before the first frame.
+            assert c.stdout is not None
+            if c.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{tool} did not start: {c.stderr.read() if c.stderr else ''}")
         sent, seconds = sender.send(rate)
-        if cap is not None:
+        if cap is not None or caps:
             time.sleep(args.settle)
     finally:
+        outs: list[str] = []
         if cap is not None:
-            cap.send_signal(signal.SIGINT if tool == "tcpdump" else signal.SIGTERM)
+            cap.send_signal(signal.SIGINT)
             out, err = cap.communicate(timeout=60)
-    if cap is None:
-        received, drops = 0, 0
-    elif tool == "tcpdump":
-        received, _filtered, drops = _tcpdump_counts(err)
-    else:
+        for c in caps:
+            c.send_signal(signal.SIGTERM)
+        for c in caps:
+            outs.append(c.communicate(timeout=60)[0])
+    run: Run = {"received": 0, "packets": 0, "drops": 0}
+    if cap is not None:
+        run["received"], run["packets"], run["drops"] = _tcpdump_counts(err)
+    for i, out in enumerate(outs):
         res = json.loads(out.strip().splitlines()[-1])
-        received, drops = res["received"], res["drops"]
-    return {"sent": sent, "pps": sent / seconds, "received": received, "drops": drops,
-            # Sent but neither captured nor counted as a kernel drop by the tool.
-            "lost": sent - received - drops}
+        for key in ("received", "packets", "drops"):
+            run[key] += res[key]
+        if len(outs) > 1:
+            run[f"received{i}"] = res["received"]
+    run.update(sent=sent, pps=sent / seconds,
+               # Sent but neither captured nor counted as a kernel drop by the tool.
+               lost=sent - run["received"] - run["drops"])
+    return run
+
+
+def _split(run: Run) -> str:
+    """How the fanout members shared the frames received, if there were several."""
+    parts = [f"{run[k]:.0f}" for k in sorted(run) if re.fullmatch(r"received\d+", k)]
+    return f" (members {' + '.join(parts)})" if parts else ""
 
 
 def _rate_name(rate: int) -> str:
@@ -292,12 +348,14 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=0)
     ap.add_argument("--mode", choices=("ring", "recvmsg"), default="ring")
     ap.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fanout", type=int, metavar="GROUP", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_send:
         child_send(args.child_send, args.rate, args.seconds, args.size)
         return 0
     if args.child_recv:
-        child_recv(args.child_recv, args.mode == "ring", args.buffer_mib << 20, args.decode)
+        child_recv(args.child_recv, args.mode == "ring", args.buffer_mib << 20, args.decode,
+                   args.fanout)
         return 0
 
     if os.geteuid() != 0:
@@ -334,9 +392,9 @@ def main() -> int:
             for tool, rate in plan.items():
                 r = one_run(tool, sender, rx, rate, args)
                 results.setdefault((tool, rate), []).append(r)
-                print(f"  run {run + 1} rate {_rate_name(rate):>8} {tool:<14} sent "
+                print(f"  run {run + 1} rate {_rate_name(rate):>8} {tool:<19} sent "
                       f"{r['sent']:>9.0f} ({r['pps']:>8.0f}/s) received {r['received']:>9.0f} "
-                      f"drops {r['drops']:>8.0f} lost {r['lost']:>6.0f}", flush=True)
+                      f"drops {r['drops']:>8.0f} lost {r['lost']:>6.0f}{_split(r)}", flush=True)
 
     def clean(tool: str, rate: int) -> bool:
         return all(r["drops"] == 0 for r in results[tool, rate])
@@ -352,8 +410,7 @@ def main() -> int:
         try:
             sender = Sender(kind, tx, args, Path(work))
             print(f"sender: {sender.describe()}")
-            print("pinning: " + (f"sender on CPU {args.pin.split(',')[0]}, capturing tool on "
-                                 f"CPU {args.pin.split(',')[1]}" if args.pin else "none"))
+            print("pinning: " + _describe_pin(args.pin, tools))
             alone = one_run("none", sender, rx, 0, args)
             print(f"sender alone (nothing capturing), as fast as it goes: "
                   f"{alone['pps']:.0f} frames/s", flush=True)
@@ -399,11 +456,11 @@ def main() -> int:
     print("(sender/s: the rate the sender reached; the kernel delivers to the capture on the "
           "sender's CPU, so a capture slows it down; lost: sent, neither received nor counted "
           "as a drop)")
-    print(f"{'tool':<14} {'asked/s':>8} {'sender/s':>9} {'received':>10} {'drops':>9} "
+    print(f"{'tool':<19} {'asked/s':>8} {'sender/s':>9} {'received':>10} {'drops':>9} "
           f"{'lost':>6}  zero drops")
     for (t, rate), rs in sorted(results.items(), key=lambda kv: (
             TOOLS.index(kv[0][0]), kv[0][1] <= 0, kv[0][1])):
-        print(f"{t:<14} {_rate_name(rate):>8} {pps(t, rate):>9.0f} "
+        print(f"{t:<19} {_rate_name(rate):>8} {pps(t, rate):>9.0f} "
               f"{med(r['received'] for r in rs):>10.0f} {med(r['drops'] for r in rs):>9.0f} "
               f"{med(r['lost'] for r in rs):>6.0f}  {'yes' if clean(t, rate) else 'no'}")
 
@@ -412,7 +469,7 @@ def main() -> int:
     for t in tools:
         if t not in good:
             best[t] = 0.0
-            print(f"  {t:<14} none (drops already at {_rate_name(bad[t])})")
+            print(f"  {t:<19} none (drops already at {_rate_name(bad[t])})")
             continue
         # The highest rate the sender reached in a step without drops.
         top = max((r for u, r in results if u == t and clean(t, r)), key=lambda r: pps(t, r))
@@ -427,7 +484,7 @@ def main() -> int:
                     f"{len(hit)} of {len(rs)} runs, up to {max(hit):.1%} of the frames")
         else:
             note = "the ladder ended"
-        print(f"  {t:<14} asked {_rate_name(top):>8}, sender {best[t]:>8.0f}/s"
+        print(f"  {t:<19} asked {_rate_name(top):>8}, sender {best[t]:>8.0f}/s"
               f"{'+' if t in ceiling else ' '}  {note}")
     if "tcpdump" in tools and best.get("tcpdump"):
         for t in tools:

@@ -365,6 +365,8 @@ class Daemon:
         self._drain(table)
         if self.alerter is not None:
             self.alerter.flush_lines()
+        if self.link is not None:
+            self.link.flush()
 
     def _capture(self, source: LiveSource) -> None:
         """Run the capture loop until stop or restart is requested."""
@@ -387,6 +389,8 @@ class Daemon:
                 self._reload()
             if self.alerter is not None:
                 self.alerter.flush_lines()  # alerts of held flows and of the timers
+            if self.link is not None:
+                self.link.flush()
 
     # -- per flow ----------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class WorkerLink:
         self.index = index
         self.conn = conn
         self._lock = threading.Lock()
+        self._alerts: list[tuple[FlowRecord, str | None, int]] = []
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._lock:
@@ -75,9 +76,16 @@ class WorkerLink:
         self._send(("ready", self.index))
 
     def alert(self, record: FlowRecord, interface: str | None, now_ns: int) -> None:
-        self._send(("alert", record, interface, now_ns))
+        """Queue an alert; :meth:`flush` sends the queue (one message per capture batch)."""
+        self._alerts.append((record, interface, now_ns))
+
+    def flush(self) -> None:
+        if self._alerts:
+            alerts, self._alerts = self._alerts, []
+            self._send(("alerts", alerts))
 
     def metrics(self, registry: Any) -> None:
+        self.flush()
         self._send(("metrics", self.index, snapshot(registry)))
 
     def close(self) -> None:
@@ -216,10 +224,11 @@ def supervise(daemon: Daemon, rt: Runtime) -> int:
                     daemon.stop_event.set()
                 continue
             kind = message[0]
-            if kind == "alert":
-                _, record, interface, now_ns = message
-                if daemon.alerter.observe(record, interface=interface, now_ns=now_ns) is not None:
-                    daemon.alerts += 1
+            if kind == "alerts":
+                for record, interface, now_ns in message[1]:
+                    if daemon.alerter.observe(record, interface=interface,
+                                              now_ns=now_ns) is not None:
+                        daemon.alerts += 1
             elif kind == "metrics":
                 workers.update(message[1], message[2])
             elif kind == "ready":
