@@ -271,6 +271,8 @@ class Daemon:
         self._dns_feed = DnsFeed(config.interfaces)
         drop_privileges()
         self._dns_feed.start()
+        # Each capture process follows the gateway's networks itself (``auto``).
+        watcher = self._start_watcher(config.policy)
         self.build_pipeline(alerts=False)
         link.ready()
         try:
@@ -282,6 +284,8 @@ class Daemon:
                     source = self._open_source(self.rt.config)
         finally:
             source.close()
+            if watcher is not None:
+                watcher.stop()
             self._dns_feed.close()
             self._shutdown()
             link.metrics(self.registry)

@@ -25,8 +25,8 @@ owns the alert sinks and their spool, talks to systemd and handles reloads:
 Every capture process also reads all DNS answers through a socket of its own
 outside the fanout group (a DNS answer and the connection it leads to are
 different flows, which the hash may give to different processes), so DNS
-names do not depend on which process a flow went to.  ``internal_networks:
-auto`` needs one process (the configuration refuses it with several).
+names do not depend on which process a flow went to; with
+``internal_networks: auto`` each follows the gateway's networks itself.
 """
 
 from __future__ import annotations

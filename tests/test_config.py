@@ -215,12 +215,6 @@ BAD: list[tuple[str, str | bytes, str]] = [
         "policy.yaml:2: capture_workers: 0: expected a number of at least 1",
     ),
     (
-        "several capture processes with auto internal networks",
-        "home_countries: [CN]\ninternal_networks: [auto]\ncapture_workers: 4\n",
-        "policy.yaml:3: capture_workers: 4: needs internal_networks listed: 'auto' (the "
-        "gateway's own networks, followed over netlink) works with one capture process only",
-    ),
-    (
         "negative hold",
         "home_countries: [CN]\nnames:\n  hold_seconds: -1\n",
         "policy.yaml:3: names.hold_seconds: -1: expected a number of at least 0",

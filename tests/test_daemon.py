@@ -388,13 +388,15 @@ def test_daemon_captures_alerts_serves_metrics_reloads_and_stops(
     assert flushed is not None and int(flushed.group(1)) >= 1, d.output()
 
 
-def test_auto_internal_networks_follow_netlink_changes(lab: Lab, geodb: Path,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-capture-processes"])
+def test_auto_internal_networks_follow_netlink_changes(lab: Lab, geodb: Path, tmp_path: Path,
+                                                       workers: int) -> None:
     ns_a, ns_b = lab.a.ns, lab.b.ns
     ip("addr", "add", "10.77.0.5/24", "dev", lab.a.ifname, ns=ns_a)
     mport = free_port()
     config = tmp_path / "egressd.yaml"
     write_config(config, tmp_path, geodb, mport, free_port(), internal="[auto]")
+    config.write_text(config.read_text() + f"capture_workers: {workers}\n")
 
     def udp_from(src: str) -> None:
         def go() -> None:
