@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import shutil
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from egressd.names.quic import (
 )
 from egressd.names.tls import MAX_HANDSHAKE_BYTES
 from tests.conftest import require_shared
+from tests.test_names_tls import tshark_names
 
 DCID = bytes.fromhex("8394c8f03e515708")
 
@@ -355,16 +354,6 @@ def test_fuzz_assembler_sequences(extra: list[bytes]) -> None:
 
 
 # -- real captures -----------------------------------------------------------------------------
-
-
-def tshark_names(path: Path) -> set[str]:
-    if shutil.which("tshark") is None:
-        pytest.skip("tshark not installed")
-    out = subprocess.run(
-        ["tshark", "-r", str(path), "-Y", "tls.handshake.type==1",
-         "-T", "fields", "-e", "tls.handshake.extensions_server_name"],
-        check=True, capture_output=True, text=True).stdout
-    return {n.strip().lower() for line in out.splitlines() for n in line.split(",") if n.strip()}
 
 
 def quic_client_names(path: Path) -> tuple[set[str], int]:
