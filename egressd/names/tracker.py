@@ -63,6 +63,8 @@ class _Pending(NamedTuple):
     next_seq: int
     segments: int
     ts_ns: int
+    dir_hash: int
+    """The direction's hash, as :meth:`NameTracker._continuations` looks it up."""
 
 
 def _u16(d: npt.NDArray[np.uint8], pos: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -234,8 +236,8 @@ class NameTracker:
             seq_pos = int(dec.l4[i]) + 4
             seq = int.from_bytes(d[seq_pos:seq_pos + 4].tobytes(), "big")
             self._drop_tls(dkey)
-            self._tls[dkey] = _Pending(key, payload, (seq + len(payload)) & 0xFFFFFFFF, 1, ts)
             h = int(self._dir_hash(dec, np.array([i]))[0])
+            self._tls[dkey] = _Pending(key, payload, (seq + len(payload)) & 0xFFFFFFFF, 1, ts, h)
             self._tls_hashes[h] = self._tls_hashes.get(h, 0) + 1
             while len(self._tls) > self.max_pending:
                 self._drop_tls(next(iter(self._tls)))
@@ -245,11 +247,7 @@ class NameTracker:
         pending = self._tls.pop(dkey, None)
         if pending is None:
             return
-        src = np.frombuffer(dkey[0:16], dtype=">u8").astype(np.uint64)
-        dst = np.frombuffer(dkey[18:34], dtype=">u8").astype(np.uint64)
-        h = int(_hash_rows(src[None, :], dst[None, :],
-                           np.array([int.from_bytes(dkey[16:18], "big")], dtype=np.int64),
-                           np.array([int.from_bytes(dkey[34:36], "big")], dtype=np.int64))[0])
+        h = pending.dir_hash
         left = self._tls_hashes.get(h, 0) - 1
         if left > 0:
             self._tls_hashes[h] = left
@@ -292,8 +290,9 @@ class NameTracker:
                 self._found(pending.key, ts, result, NameSource.SNI)
                 self._drop_tls(dkey)
             elif isinstance(result, Incomplete) and pending.segments < MAX_HELLO_SEGMENTS:
-                self._tls[dkey] = _Pending(pending.key, data, (seq + len(part)) & 0xFFFFFFFF,
-                                           pending.segments + 1, pending.ts_ns)
+                self._tls[dkey] = pending._replace(data=data,
+                                                   next_seq=(seq + len(part)) & 0xFFFFFFFF,
+                                                   segments=pending.segments + 1)
             else:
                 if result is None:
                     self.stats["hellos_without_name"] += 1
