@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from egressd.config import ConfigError
+from egressd.config.yaml_doc import read_limited
 
 log = logging.getLogger("egressd")
 
@@ -129,14 +130,7 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     fail at start-up is reported by ``egressd check-config``.
     """
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as handle:
-            data = handle.read(MAX_WEB_CONFIG_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or exc.__class__.__name__
-        raise ConfigError(name, None, "", f"cannot read the web config file: {reason}") from None
-    if len(data) > MAX_WEB_CONFIG_BYTES:
-        raise ConfigError(name, None, "", "file is larger than the limit of 1 MiB")
+    data = read_limited(name, MAX_WEB_CONFIG_BYTES, "web config file")
     try:
         raw = yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -27,6 +27,7 @@ from egressd.config.yaml_doc import (
     KeyPath,
     _Document,
     _read_document,
+    read_limited,
 )
 from egressd.netset import DEFAULT_INTERNAL_NETWORKS, IPNetwork
 from egressd.policy import Policy, Route, UnknownCountry
@@ -197,16 +198,7 @@ def parse_policy(data: bytes, name: str, *, now: datetime | None = None) -> Poli
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[bytes, str]:
-    name = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or exc.__class__.__name__
-        raise ConfigError(name, None, "", f"cannot read the file: {reason}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(name, None, "", "file is larger than the limit of 4 MiB")
-    return data, name
+    return read_limited(path, MAX_FILE_BYTES), os.fspath(path)
 
 
 def load_config(path: str | os.PathLike[str], *, now: datetime | None = None) -> Config:

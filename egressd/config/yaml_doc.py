@@ -10,6 +10,7 @@ merge keys.  :class:`ConfigError` is the one error this package raises.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import date, datetime
 from typing import Final
@@ -80,6 +81,24 @@ class ConfigError(ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+def read_limited(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes:
+    """The bytes of a file of at most ``limit`` bytes; :class:`ConfigError` naming it otherwise.
+
+    ``what`` names the file in the message (``cannot read the <what>: …``).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise ConfigError(name, None, "", f"cannot read the {what}: {reason}") from None
+    if len(data) > limit:
+        raise ConfigError(name, None, "", f"file is larger than the limit of "
+                          f"{limit // (1024 * 1024)} MiB")
+    return data
 
 
 def _one_line(text: str) -> str:
