@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
+from itertools import compress, count, islice
 from typing import IO, Any
 
 from egressd import __version__
-from egressd.model import FlowRecord, GeoInfo, GeoSource, Verdict, VerdictKind, proto_name
+from egressd.model import (
+    FlowRecord,
+    GeoInfo,
+    GeoSource,
+    Initiator,
+    NameSource,
+    Verdict,
+    VerdictKind,
+    proto_name,
+)
 
 SCHEMA = "egressd.audit/1"
 VERDICT_ORDER = tuple(v.value for v in VerdictKind)
@@ -71,6 +83,16 @@ class CaptureSummary:
         }
 
 
+def flow_order(f: FlowRecord) -> tuple[int, str, str, int, str, int, int]:
+    """The report's sort key of a flow: first seen, then the 5-tuple."""
+    return (f.first_seen_ns, f.community_id, f.src_ip, f.src_port or 0, f.dst_ip,
+            f.dst_port or 0, f.proto)
+
+
+_FIRST_SEEN = operator.attrgetter("first_seen_ns")
+"""Sort key of :meth:`AuditResult.sort_flows` (an int per flow, cheaper than a tuple)."""
+
+
 @dataclass(slots=True)
 class AuditResult:
     """Everything an audit found; rendered by :func:`write_json` or :func:`write_text`."""
@@ -83,29 +105,64 @@ class AuditResult:
     warnings: list[str] = field(default_factory=list)
 
     def sort_flows(self) -> None:
-        """Put flows in the report's fixed order (first seen, then the 5-tuple)."""
-        self.flows.sort(key=lambda f: (f.first_seen_ns, f.community_id, f.src_ip,
-                                       f.src_port or 0, f.dst_ip, f.dst_port or 0, f.proto))
+        """Put flows in the report's fixed order (first seen, then the 5-tuple).
+
+        The order is that of :func:`flow_order`.  Sorting by the first-seen
+        time alone is several times cheaper (an int per flow instead of a
+        tuple) and almost always decides; only runs of flows first seen in
+        the same nanosecond are then sorted again by the whole key.  Both sorts
+        are stable, so ties of the whole key keep their order as before.
+        """
+        flows = self.flows
+        flows.sort(key=_FIRST_SEEN)
+        times = list(map(_FIRST_SEEN, flows))
+        # Indexes i where flow i was first seen when flow i - 1 was (all in C).
+        ties = list(compress(count(1), map(operator.eq, islice(times, 1, None), times)))
+        i = 0
+        while i < len(ties):
+            start = end = ties[i]
+            while i < len(ties) and ties[i] == end:
+                i += 1
+                end += 1
+            flows[start - 1:end] = sorted(flows[start - 1:end], key=flow_order)
 
     def verdict_counts(self) -> dict[str, int]:
-        counts = Counter(f.verdict.verdict.value for f in self.flows)
-        return {v: counts.get(v, 0) for v in VERDICT_ORDER}
+        counts, _, _ = self._tally()
+        return {v.value: counts[v] for v in VerdictKind}
 
     def summary(self) -> dict[str, Any]:
-        by_verdict: Counter[str] = Counter()
-        by_country: Counter[str] = Counter()
-        for f in self.flows:
-            v = f.verdict.verdict
-            by_verdict[v.value] += f.bytes_out
-            if v not in (VerdictKind.INTERNAL, VerdictKind.TRANSIT):
-                by_country[f.geo.country or NO_COUNTRY_KEY] += f.bytes_out
+        counts, by_verdict, by_country = self._tally()
+        countries: Counter[str] = Counter()
+        for country, out in by_country.items():
+            countries[country or NO_COUNTRY_KEY] += out
         return {
             "packets": sum(c.packets for c in self.captures),
             "flows": len(self.flows),
-            "verdicts": self.verdict_counts(),
-            "bytes_out_by_verdict": {v: by_verdict.get(v, 0) for v in VERDICT_ORDER},
-            "bytes_out_by_country": dict(sorted(by_country.items())),
+            "verdicts": {v.value: counts[v] for v in VerdictKind},
+            "bytes_out_by_verdict": {v.value: by_verdict[v] for v in VerdictKind},
+            "bytes_out_by_country": dict(sorted(countries.items())),
         }
+
+    def _tally(self) -> tuple[dict[VerdictKind, int], dict[VerdictKind, int],
+                              dict[str | None, int]]:
+        """Flows and bytes out per verdict, and bytes out per country of the exports.
+
+        One pass keyed by the enum members themselves: their ``.value`` is a
+        Python-level property, too slow to read once per flow.
+        """
+        counts = dict.fromkeys(VerdictKind, 0)
+        by_verdict = dict.fromkeys(VerdictKind, 0)
+        by_country: dict[str | None, int] = {}
+        internal, transit = VerdictKind.INTERNAL, VerdictKind.TRANSIT
+        for f in self.flows:
+            kind = f.verdict.verdict
+            out = f.bytes_out
+            counts[kind] += 1
+            by_verdict[kind] += out
+            if kind is not internal and kind is not transit:
+                country = f.geo.country
+                by_country[country] = by_country.get(country, 0) + out
+        return counts, by_verdict, by_country
 
 
 def flow_json(f: FlowRecord) -> dict[str, Any]:
@@ -156,6 +213,9 @@ def _jn(value: int | None) -> str:
 
 
 _PROTO_JSON = {p: json.dumps(proto_name(p)) for p in range(256)}
+_ENUM_JSON: dict[StrEnum | None, str] = {
+    None: "null", **{m: json.dumps(m.value) for e in (Initiator, NameSource) for m in e}}
+"""JSON text of the enum fields of a flow (formatting an enum member is a Python call)."""
 
 
 def _fragment(key: GeoInfo | Verdict) -> str:
@@ -198,6 +258,60 @@ def flow_line(f: FlowRecord) -> str:
     )
 
 
+def flow_lines(flows: Iterable[FlowRecord]) -> Iterator[str]:
+    """:func:`flow_line` of each flow, with less work per flow for a whole report.
+
+    The geo and verdict fields are formatted once per distinct object (the
+    classifier hands the same few objects to thousands of flows), looked up by
+    ``id()`` rather than by hashing the tuple (a Verdict hashes its enum
+    members in Python).  The tables hold every object they have an ``id()``
+    of, so no id is reused while they exist.  The fields are unpacked in one
+    step instead of read by name.  The test suite checks this equals
+    :func:`flow_line` and ``json.dumps``.
+    """
+    held: list[object] = []
+    geo_text: dict[int, str] = {}
+    verdict_text: dict[int, str] = {}
+    second_text: dict[int, str] = {}
+    enum_text = _ENUM_JSON
+    proto_text = _PROTO_JSON
+    js = _js
+    for f in flows:
+        (cid, proto, src_ip, src_port, dst_ip, dst_port, initiator, remote_ip, geo, zone,
+         first_ns, last_ns, packets_out, bytes_out, packets_in, bytes_in, verdict,
+         server_name, name_source) = f
+        g = geo_text.get(id(geo))
+        if g is None:
+            held.append(geo)
+            g = geo_text[id(geo)] = _geo_fragment(geo)
+        v = verdict_text.get(id(verdict))
+        if v is None:
+            held.append(verdict)
+            v = verdict_text[id(verdict)] = _verdict_fragment(verdict)
+        first_s, first_rem = divmod(first_ns, 1_000_000_000)
+        first = second_text.get(first_s)
+        if first is None:
+            first = second_text[first_s] = _second(first_s)
+        last_s, last_rem = divmod(last_ns, 1_000_000_000)
+        last = second_text.get(last_s)
+        if last is None:
+            last = second_text[last_s] = _second(last_s)
+        remote = "null" if remote_ip is None else f'"{remote_ip}"'
+        yield (
+            f'{{"community_id":"{cid}","proto":{proto_text[proto]},'
+            f'"src_ip":"{src_ip}","src_port":{"null" if src_port is None else src_port},'
+            f'"dst_ip":"{dst_ip}","dst_port":{"null" if dst_port is None else dst_port},'
+            f'"initiator":{enum_text[initiator]},'
+            f'"remote_ip":{remote},'
+            f'"server_name":{js(server_name)},"name_source":{enum_text[name_source]},'
+            f'{g},"zone":{js(zone)},'
+            f'"first_seen":"{first}.{first_rem // 1000:06d}Z",'
+            f'"last_seen":"{last}.{last_rem // 1000:06d}Z",'
+            f'"packets_out":{packets_out},"bytes_out":{bytes_out},'
+            f'"packets_in":{packets_in},"bytes_in":{bytes_in},{v}}}'
+        )
+
+
 def write_json(result: AuditResult, out: IO[str], *, generated_at: datetime | None = None) -> None:
     """Write the ``egressd.audit/1`` report.
 
@@ -222,15 +336,21 @@ def write_json(result: AuditResult, out: IO[str], *, generated_at: datetime | No
     for key, value in head.items():
         out.write(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},\n")
     out.write('  "flows": [')
-    _write_lines(out, (flow_line(f) for f in result.flows))
+    _write_lines(out, flow_lines(result.flows))
     out.write("]\n}\n")
 
 
+_LINES_PER_WRITE = 4096
+"""Flow lines joined into one write: fewer calls, and memory stays bounded."""
+
+
 def _write_lines(out: IO[str], lines: Iterable[str]) -> None:
-    first = True
-    for line in lines:
-        out.write("\n    " if first else ",\n    ")
-        out.write(line)
-        first = False
-    if not first:
+    sep = ",\n    "
+    lead = "\n    "
+    it = iter(lines)
+    while chunk := list(islice(it, _LINES_PER_WRITE)):
+        out.write(lead)
+        out.write(sep.join(chunk))
+        lead = sep
+    if lead == sep:
         out.write("\n  ")

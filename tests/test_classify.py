@@ -12,13 +12,26 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from egressd.classify import Classifier, addr16, ip_text
+from egressd.classify import Classifier, addr16, ip_text, packed
+from egressd.community import community_id
 from egressd.config import parse_config
 from egressd.decode.batch import decode_batch
 from egressd.decode.linktypes import LINKTYPE_RAW
-from egressd.flows import FlowTable
+from egressd.flows import Flow, FlowTable, flow_key
 from egressd.geo import CachedResolver, MaxMindResolver, open_resolver
-from egressd.model import FlowRecord, Initiator, Reason, RecordBatch, VerdictKind
+from egressd.model import (
+    FlowEndpoints,
+    FlowName,
+    FlowRecord,
+    GeoInfo,
+    Initiator,
+    NameSource,
+    Reason,
+    RecordBatch,
+    Verdict,
+    VerdictKind,
+)
+from egressd.netset import is_multicast_or_broadcast
 
 NS = 10**9
 T0 = 1_772_352_000 * NS
@@ -225,3 +238,98 @@ def test_cached_verdicts_tell_sources_and_destinations_apart() -> None:
     # The same questions again come from the cache, with the same answers.
     assert clf.verdict(6, addr16("10.9.9.9"), "198.51.100.1", 443, at, hk, None) == bad
     assert clf.verdict(17, addr16("10.1.1.1"), "203.0.113.5", 53, at, none, "a") == inside
+
+
+PLAIN_POLICY = b"""
+home_countries: [CN]
+internal_networks: [10.0.0.0/8, "fd00::/8", 239.0.0.0/8, "::ffff:10.0.0.0/104"]
+zones:
+  a: [10.1.0.0/16]
+routes:
+  - name: nets-from-a
+    approval: R1
+    from: [a]
+    to: {networks: [203.0.113.0/25, "2001:db8:1::/48"]}
+  - name: hk-tcp-443
+    approval: R2
+    to: {countries: [HK]}
+    protocols: [tcp]
+    ports: [443]
+    expires: 2026-03-01T08:00:30Z
+  - name: named
+    approval: R4
+    to: {countries: [US], names: ["*.vendor.example"]}
+"""
+
+V4_ADDRS = ["10.1.1.1", "10.9.9.9", "203.0.113.5", "198.51.100.1", "239.1.1.1", "224.0.0.251",
+            "255.255.255.255", "192.0.2.1"]
+V6_ADDRS = ["fd00::1", "2001:db8:1::9", "ff02::fb", "::ffff:10.1.1.1", "::ffff:203.0.113.5",
+            "2001:db8::77"]
+
+
+def plain_classify(clf: Classifier, flow: Flow) -> FlowRecord:
+    """What :meth:`Classifier.classify` must give, step by step from the public pieces."""
+    policy = clf.policy
+    if flow.initiator == 0:
+        src, sport, dst, dport = flow.a, flow.a_port, flow.b, flow.b_port
+        out = (flow.pk0, flow.by0, flow.pk1, flow.by1)
+    else:
+        src, sport, dst, dport = flow.b, flow.b_port, flow.a, flow.a_port
+        out = (flow.pk1, flow.by1, flow.pk0, flow.by0)
+    sp: int | None
+    dp: int | None
+    if flow.proto in (6, 17, 132):
+        sp, dp = sport, dport
+    elif flow.proto in (1, 58):
+        sp, dp = flow.icmp_type, flow.icmp_code
+    else:
+        sp = dp = None
+    server_name, name_source, names = flow.name or (None, None, ())
+    s_text, d_text = ip_text(src, flow.version), ip_text(dst, flow.version)
+    cid = community_id(flow.proto, packed(src, flow.version), packed(dst, flow.version), sp, dp)
+    s_in, d_in = policy.is_internal(src), policy.is_internal(dst)
+    base = (cid, flow.proto, s_text, sp, d_text, dp)
+    times = (flow.first_ns, flow.last_ns)
+    if (s_in and d_in) or is_multicast_or_broadcast(dst):
+        return FlowRecord(*base, Initiator.INTERNAL if s_in else Initiator.REMOTE, None,
+                          GeoInfo(), policy.zone_of(src) if s_in else None, *times, *out,
+                          Verdict(VerdictKind.INTERNAL), server_name, name_source)
+    if not s_in and not d_in:
+        return FlowRecord(*base, None, d_text, clf.resolver.lookup(d_text), None, *times, *out,
+                          Verdict(VerdictKind.TRANSIT), server_name, name_source)
+    if s_in:
+        initiator, internal, remote = Initiator.INTERNAL, src, d_text
+    else:
+        initiator, internal, remote = Initiator.REMOTE, dst, s_text
+        out = (out[2], out[3], out[0], out[1])
+    zone = policy.zone_of(internal)
+    geo = clf.resolver.lookup(remote)
+    verdict = policy.evaluate(FlowEndpoints(flow.proto, ip_text(internal), remote, dp,
+                                            flow.first_ns, names), geo, zone)
+    return FlowRecord(*base, initiator, remote, geo, zone, *times, *out, verdict,
+                      server_name, name_source)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from([4, 6]), st.integers(0, 7), st.integers(0, 7),
+    st.sampled_from([6, 17, 132, 1, 58, 50]), st.integers(0, 65535), st.sampled_from([443, 53, 0]),
+    st.integers(0, 1), st.integers(0, 60), st.integers(0, 99),
+    st.sampled_from([None, FlowName("a.vendor.example", NameSource.SNI, ("a.vendor.example",)),
+                     FlowName("x.example", NameSource.DNS, ("x.example", "y.example"))])),
+    min_size=1, max_size=30))
+def test_classify_equals_the_plain_steps(
+        flows: list[tuple[int, int, int, int, int, int, int, int, int, FlowName | None]]) -> None:
+    """The per-address caches and the direct reading of the flow key change nothing."""
+    policy = parse_config(PLAIN_POLICY, "policy.yaml").policy
+    clf = Classifier(policy, open_resolver(None, None), cache_size=4)  # small: evictions too
+    for version, i, j, proto, sport, dport, initiator, sec, n, name in flows:
+        addrs = V4_ADDRS if version == 4 else V6_ADDRS
+        a, b = addr16(addrs[i % len(addrs)]), addr16(addrs[j % len(addrs)])
+        flow = Flow(flow_key(proto, version, a, sport, b, dport), proto, version, initiator,
+                    T0 + sec * NS, icmp_type=sport % 256, icmp_code=dport % 256)
+        flow.last_ns = flow.first_ns + n
+        flow.pk0, flow.by0, flow.pk1, flow.by1 = n, 40 * n, n // 2, 1500 * n
+        flow.name = name
+        assert (flow.a, flow.b) in ((a, b), (b, a))
+        assert clf.classify(flow) == plain_classify(clf, flow)

@@ -62,3 +62,14 @@ def test_protocols_without_ports_match_the_reference(proto: int,
                                                      addrs: tuple[bytes, bytes]) -> None:
     s, d = addrs
     assert community_id(proto, s, d, None, None) == reference(proto, s, d, None, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 65535), st.sampled_from([6, 1, 47]), st.tuples(ADDR4, ADDR4), PORT, PORT)
+def test_seeds_match_the_reference(seed: int, proto: int, addrs: tuple[bytes, bytes], sp: int,
+                                   dp: int) -> None:
+    s, d = addrs
+    sport, dport = (None, None) if proto == 47 else (sp % 256, dp % 256) if proto == 1 else (sp, dp)
+    want = str(communityid.CommunityID(seed).calc(communityid.FlowTuple(proto, s, d, sport,
+                                                                         dport)))
+    assert community_id(proto, s, d, sport, dport, seed) == want

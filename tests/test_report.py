@@ -20,7 +20,15 @@ from egressd.model import (
     Verdict,
     VerdictKind,
 )
-from egressd.report import AuditResult, CaptureSummary, flow_json, flow_line, rfc3339, write_json
+from egressd.report import (
+    AuditResult,
+    CaptureSummary,
+    flow_json,
+    flow_line,
+    flow_lines,
+    rfc3339,
+    write_json,
+)
 from egressd.report_text import write_text
 
 TEXT = st.one_of(st.none(), st.text(max_size=12))
@@ -117,3 +125,48 @@ def test_text_report_lists_findings_largest_first() -> None:
     assert "100 B" in lines[0] and "1 B" in lines[-1]
     assert "api.crm-vendor.example (quic)" in lines[0]
     assert "warning: w1" in text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(records(), max_size=8), st.lists(st.integers(0, 7), max_size=40))
+def test_flow_lines_equal_flow_line_with_shared_geo_and_verdicts(
+        distinct: list[FlowRecord], picks: list[int]) -> None:
+    """The report's encoder memoizes by object identity: objects shared by many flows
+    (as the classifier shares them) and equal but distinct objects give the same text."""
+    if not distinct:
+        return
+    flows = [distinct[i % len(distinct)] for i in picks]
+    flows += [f._replace(geo=GeoInfo(*f.geo), verdict=Verdict(*f.verdict)) for f in distinct]
+    assert list(flow_lines(flows)) == [flow_line(f) for f in flows]
+    assert list(flow_lines(flows)) == [json.dumps(flow_json(f), ensure_ascii=False,
+                                                  separators=(",", ":")) for f in flows]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["1:a", "1:b"]),
+                          st.sampled_from(["10.0.0.1", "10.0.0.2"]),
+                          st.sampled_from([None, 0, 80]), st.integers(0, 2)), max_size=40))
+def test_sort_flows_is_a_stable_sort_by_the_whole_key(
+        rows: list[tuple[int, str, str, int | None, int]]) -> None:
+    """Sorting by the first-seen time, then only its ties by the whole key, gives the
+    order (ties of the whole key included) of one stable sort by the whole key."""
+    flows = [FlowRecord(cid, 6, ip, port, "203.0.113.5", 443, None, None, GeoInfo(), None,
+                        first, first, i, 0, 0, 0, Verdict(VerdictKind.TRANSIT))
+             for i, (first, cid, ip, port, _) in enumerate(rows)]
+    want = sorted(flows, key=lambda f: (f.first_seen_ns, f.community_id, f.src_ip,
+                                        f.src_port or 0, f.dst_ip, f.dst_port or 0, f.proto))
+    result = AuditResult("p", "s", [], [], list(flows))
+    result.sort_flows()
+    assert result.flows == want  # packets_out tells apart ties of the whole key
+
+
+def test_json_flow_lines_are_written_in_chunks() -> None:
+    """More flows than one write holds: every line once, separators as with one line each."""
+    rec = _rec(VerdictKind.DOMESTIC, "CN", 5)
+    result = AuditResult("p", "s", [], [], [rec._replace(packets_out=i) for i in range(9000)])
+    out = io.StringIO()
+    write_json(result, out)
+    text = out.getvalue()
+    assert [f["packets_out"] for f in json.loads(text)["flows"]] == list(range(9000))
+    assert text.endswith('}\n  ]\n}\n') and '  "flows": [\n    {' in text
+    assert text.count("},\n    {") == 8999
