@@ -10,6 +10,9 @@ whole process (start-up included):
 * egressd-j1, egressd-j2: the same with --jobs 1 and --jobs 2
 * tshark:    tshark -q -n -r FILE -z conv,ip
 * reference: python bench/ref_aggregator.py FILE
+* sha256:    python -c <hashlib SHA-256 of FILE in 8 MiB reads>: only the digest
+             that the report carries for each capture (captures[].sha256), so
+             the floor under any audit that reports it
 
 and prints the median wall time and packets/s per tool and how egressd
 compares with the others.
@@ -31,7 +34,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ("egressd", "egressd-j1", "egressd-j2", "tshark", "reference")
+TOOLS = ("egressd", "egressd-j1", "egressd-j2", "tshark", "reference", "sha256")
+
+# The digest alone, computed as the audit computes it (hashlib, 8 MiB reads).
+SHA256_ONLY = (
+    "import hashlib, sys\n"
+    "h = hashlib.sha256()\n"
+    "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+    "    while b := f.read(8 << 20):\n"
+    "        h.update(b)\n"
+    "print(h.hexdigest())\n"
+)
 
 
 def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
@@ -74,14 +87,29 @@ def commands(path: Path, policy: Path) -> dict[str, list[str] | None]:
         "tshark": None if tshark is None else [tshark, "-q", "-n", "-r", str(path),
                                                "-z", "conv,ip"],
         "reference": [sys.executable, str(ROOT / "bench" / "ref_aggregator.py"), str(path)],
+        "sha256": [sys.executable, "-c", SHA256_ONLY, str(path)],
     }
 
 
-def time_run(cmd: list[str]) -> tuple[float, int, str]:
+def time_run(cmd: list[str], cpus: set[int] | None = None) -> tuple[float, int, str]:
+    """Wall time, exit status and stderr of one run (on ``cpus`` only, when given)."""
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, check=False)
+                          text=True, check=False, preexec_fn=pin if cpus else None)
     return time.perf_counter() - t0, proc.returncode, proc.stderr
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``0`` or ``0,1`` or ``0-3``: the CPUs every tool is confined to."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma-separated subset of {', '.join(TOOLS)} (default: all)")
     ap.add_argument("--policy", type=Path, default=ROOT / "examples" / "policy.yaml")
+    ap.add_argument("--cpus", type=parse_cpus, default=None, metavar="LIST",
+                    help="run every tool on these CPUs only, e.g. 0 for one core "
+                         "(default: all the CPUs the script may use)")
     ap.add_argument("--cache-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "egressd-bench",
                     help="where the generated capture is kept between runs")
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     warm(path)
     print(f"capture: {path} ({args.packets} packets, {size_mb:.0f} MB), "
           f"{args.runs} runs per tool, alternating")
+    usable = sorted(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
+    print(f"CPUs: {','.join(map(str, usable))}"
+          + ("" if args.cpus else " (all this script may use; --cpus to confine the tools)"))
     times: dict[str, list[float]] = {t: [] for t in active}
     failed: dict[str, str] = {}
     for run in range(args.runs):
@@ -132,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cmd = cmds[tool]
             assert cmd is not None
-            elapsed, rc, err = time_run(cmd)
+            elapsed, rc, err = time_run(cmd, args.cpus)
             if rc != 0:
                 last = (err.strip().splitlines() or [""])[-1]
                 failed[tool] = f"exit status {rc}: {last}"
@@ -155,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     for base in ("egressd", "egressd-j1", "egressd-j2"):
         if base not in medians:
             continue
-        for other in ("egressd-j1", "egressd-j2", "tshark", "reference"):
+        for other in ("egressd-j1", "egressd-j2", "tshark", "reference", "sha256"):
             if other in medians and other != base and not (
                     base.startswith("egressd-") and other.startswith("egressd-") and other < base):
                 ratio = medians[base] / medians[other]
                 faster = (f"{base} {1 / ratio:.1f}x faster" if ratio < 1
                           else f"{base} {ratio:.1f}x slower")
                 print(f"{base}/{other} wall-time ratio: {ratio:.2f} ({faster})")
+    if "sha256" in medians:
+        print(f"ceiling of any audit whose report carries the capture's SHA-256 here: "
+              f"{args.packets / medians['sha256']:,.0f} packets/s (the digest alone)")
     return 1 if failed else 0
 
 

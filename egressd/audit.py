@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import gc
 import gzip
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from egressd.classify import Classifier
 from egressd.decode.batch import decode_batch
@@ -26,7 +23,8 @@ from egressd.model import FlowRecord, VerdictKind
 from egressd.names.tracker import NameTracker
 from egressd.policy import Policy
 from egressd.report import AuditResult, CaptureSummary
-from egressd.sources.files import HashingReader, open_capture
+from egressd.sources.files import open_capture
+from egressd.sources.inputs import HashingReader, open_input
 
 TRANSIT_WARNING_SHARE = 0.5
 """Above this share of transit flows, the audit warns that internal_networks is likely wrong."""
@@ -65,26 +63,6 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-@contextmanager
-def _open_input(path: str) -> Iterator[BinaryIO]:
-    if path == "-":
-        yield sys.stdin.buffer
-        return
-    with open(path, "rb", buffering=0) as f:
-        yield f
-
-
-def input_size(path: str) -> int | None:
-    """Size on disk, for a progress bar (None for stdin and pipes)."""
-    if path == "-":
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size if st.st_size > 0 else None
-
-
 class Audit:
     """One audit run: feed it captures with :meth:`add_capture`, then :meth:`finish`."""
 
@@ -109,15 +87,20 @@ class Audit:
             self.flows.extend(classify(f) for f in fin)
             fin.clear()
 
-    def add_capture(self, path: str, *, progress: Progress | None = None) -> CaptureSummary:
+    def add_capture(self, path: str, *, progress: Progress | None = None,
+                    source: HashingReader | None = None) -> CaptureSummary:
         """Read one capture into the flow table.
 
-        Raises :class:`~egressd.sources.base.CaptureError` when ``path`` is not a
+        ``source`` is the capture already opened with
+        :func:`~egressd.sources.inputs.open_input` (the command line starts
+        reading before it loads everything else); it is closed here.  Raises
+        :class:`~egressd.sources.base.CaptureError` when ``path`` is not a
         capture at all and ``OSError`` when it cannot be read; damage inside a
         capture is reported in the summary instead.
         """
-        with _open_input(path) as raw:
-            hashing = HashingReader(raw, sha256=self.options.sha256)
+        if source is None:
+            source = open_input(path, sha256=self.options.sha256)
+        with source as hashing:
             try:
                 reader = open_capture(hashing, batch_records=self.options.batch_records)
             except (EOFError, gzip.BadGzipFile) as e:

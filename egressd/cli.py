@@ -18,20 +18,23 @@ import shutil
 import stat
 import sys
 from collections.abc import Iterator, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from egressd import __version__
-from egressd.audit import Audit, AuditOptions, Progress, gc_paused, input_size
-from egressd.config import Config, ConfigError, load_config, load_policy
-from egressd.flows import FlowTimeouts
-from egressd.geo import REGISTRY_NOTICE, CachedResolver, open_resolver
-from egressd.model import VerdictKind
-from egressd.netset import DEFAULT_INTERNAL_NETWORKS
-from egressd.parallel import ParallelAudit, default_jobs
-from egressd.policy import Policy
-from egressd.report import AuditResult, write_json
-from egressd.sources.base import CaptureError
-from egressd.sources.files import expand_capture_args
+from egressd.parallel import default_jobs
+from egressd.sources.inputs import HashingReader, expand_capture_args, input_size, open_input
+
+if TYPE_CHECKING:
+    from egressd.audit import Progress
+    from egressd.config import Config
+    from egressd.flows import FlowTimeouts
+    from egressd.geo import CachedResolver
+    from egressd.policy import Policy
+    from egressd.report import AuditResult
+
+# The pipeline (numpy, pydantic, GeoIP, the decoders) is imported inside the
+# commands: `egressd audit` starts reading and hashing its first capture
+# before it loads all that, which takes a few hundred milliseconds.
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
@@ -122,19 +125,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "lookup":
             return cmd_lookup(args)
-    except (ConfigError, CaptureError, UsageError) as e:
-        _err(str(e))
-    except FileNotFoundError as e:
-        _err(f"{e.filename}: no such file" if e.filename else str(e))
-    except (OSError, ValueError) as e:
-        _err(str(e))
     except KeyboardInterrupt:
         _err("interrupted")
+    except Exception as e:
+        from egressd.config import ConfigError
+        from egressd.sources.base import CaptureError
+
+        if isinstance(e, FileNotFoundError):
+            _err(f"{e.filename}: no such file" if e.filename else str(e))
+        elif isinstance(e, (ConfigError, CaptureError, UsageError, OSError, ValueError)):
+            _err(str(e))
+        else:
+            raise
     return EXIT_ERROR
 
 
 def _resolver(config: Config | None, geoip_db: str | None, asn_db: str | None,
               cache_size: int | None = None) -> CachedResolver:
+    from egressd.geo import REGISTRY_NOTICE, open_resolver
+
     country = geoip_db or (config.geoip.country_db if config else None)
     asn = asn_db or (config.geoip.asn_db if config else None)
     size = cache_size or (config.geoip.cache_size if config else 65536)
@@ -145,6 +154,8 @@ def _resolver(config: Config | None, geoip_db: str | None, asn_db: str | None,
 
 
 def _timeouts(specs: list[str], grace: float) -> FlowTimeouts:
+    from egressd.flows import FlowTimeouts
+
     default = FlowTimeouts()
     values = {"tcp": default.tcp, "udp": default.udp, "other": default.other}
     for spec in specs:
@@ -174,7 +185,42 @@ def _jobs(text: str) -> int:
     return value
 
 
+def _read_first_early(args: argparse.Namespace) -> tuple[str, HashingReader] | None:
+    """Start reading and hashing the first capture now, if it is a regular file
+    and one process will read it.
+
+    A best effort: whatever goes wrong here (no such file, a directory that
+    holds none) is left to the normal path, which reports it in its place,
+    after the policy has been checked.  Pipes and FIFOs are not opened early:
+    opening a FIFO waits for its writer.
+    """
+    try:
+        paths = expand_capture_args(args.captures)
+        jobs = args.jobs if args.jobs is not None else default_jobs(paths)
+        if not paths or jobs != 1 or paths[0] == "-":
+            return None  # other processes are forked first, before any thread starts
+        if not stat.S_ISREG(os.stat(paths[0]).st_mode):
+            return None
+        return paths[0], open_input(paths[0])
+    except OSError:
+        return None
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    early = _read_first_early(args)
+    try:
+        return _audit(args, early)
+    finally:
+        if early is not None:
+            early[1].close()
+
+
+def _audit(args: argparse.Namespace, early: tuple[str, HashingReader] | None) -> int:
+    from egressd.audit import Audit, AuditOptions, gc_paused
+    from egressd.config import load_policy
+    from egressd.netset import DEFAULT_INTERNAL_NETWORKS
+    from egressd.parallel import ParallelAudit
+
     stored = None
     if args.verify:
         from egressd.verify import load_report
@@ -203,9 +249,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     show_progress = not args.no_progress and sys.stderr.isatty()
     try:
         with gc_paused():
-            for path in paths:
+            for i, path in enumerate(paths):
                 with _progress(path, show_progress) as progress:
-                    summary = audit.add_capture(path, progress=progress)
+                    source = early[1] if early is not None and i == 0 and early[0] == path else None
+                    summary = audit.add_capture(path, progress=progress, source=source)
                 if summary.truncated:
                     _warn(f"{path}: capture is damaged; read up to the damage: "
                           f"{summary.damage}")
@@ -235,6 +282,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _exit_status(result: AuditResult, fail_on: str) -> int:
+    from egressd.model import VerdictKind
+
     if fail_on == "never":
         return EXIT_OK
     levels = {VerdictKind.VIOLATION}
@@ -276,6 +325,7 @@ def _write_report(result: AuditResult, fmt: str, output: str | None, *,
 
     def render(out: IO[str]) -> None:
         if fmt == "json":
+            from egressd.report import write_json
             write_json(result, out)
         elif fmt == "html":
             from egressd.report_html import write_html
@@ -338,6 +388,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from egressd.config import load_config
+
     config = load_config(args.file)
     for w in config.policy.warnings:
         _warn(w)
@@ -348,6 +400,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_lookup(args: argparse.Namespace) -> int:
     from egressd.classify import Classifier, addr16
+    from egressd.config import load_config
     from egressd.model import PROTO_NUMBERS
 
     config = load_config(args.config) if args.config else None

@@ -30,12 +30,17 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from egressd.audit import Audit, AuditOptions, gc_paused, input_size
-from egressd.geo import Resolver
-from egressd.model import FlowRecord
-from egressd.policy import Policy
+from egressd.sources.inputs import input_size
+
+if TYPE_CHECKING:
+    # Imported where used: the command line asks default_jobs() before it
+    # loads the pipeline, and must not wait for it to do so.
+    from egressd.audit import AuditOptions
+    from egressd.geo import Resolver
+    from egressd.model import FlowRecord
+    from egressd.policy import Policy
 
 MIN_PARALLEL_BYTES = 64 * 1024 * 1024
 """Below this much input an audit takes a second or two: not worth more processes."""
@@ -91,6 +96,8 @@ class ParallelAudit:
         if jobs > 1 and "-" in paths:
             raise ValueError("standard input can be read by one process only (use --jobs 1)")
         self.jobs = jobs
+        from egressd.audit import Audit
+
         self.audit = Audit(policy, resolver, replace(options, partition=(0, jobs)))
         self._workers: list[tuple[Any, Connection]] = []
         ctx = multiprocessing.get_context("fork")
@@ -137,6 +144,8 @@ class ParallelAudit:
 def _work(policy: Policy, resolver: Resolver, options: AuditOptions, paths: list[str],
           conn: Connection) -> None:
     """One share of the audit, in a forked process."""
+    from egressd.audit import Audit, gc_paused
+
     try:
         with gc_paused():
             audit = Audit(policy, resolver, options)

@@ -250,6 +250,64 @@ def test_not_a_capture_and_bad_policy_exit_2(env: dict[str, Path],
     assert f"{bad}:1: home_countries[0]: 'UK'" in err and "GB" in err
 
 
+def test_first_capture_is_read_while_the_pipeline_loads(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import egressd.audit
+    import egressd.cli
+
+    opened: list[tuple[str, str]] = []
+
+    def spy(where: str, real: Any) -> Any:
+        def open_input(path: str, **kw: Any) -> Any:
+            opened.append((where, path))
+            return real(path, **kw)
+        return open_input
+
+    monkeypatch.setattr(egressd.cli, "open_input", spy("cli", egressd.cli.open_input))
+    monkeypatch.setattr(egressd.audit, "open_input", spy("audit", egressd.audit.open_input))
+    before = sum(1 for t in threading.enumerate() if t.name == "read-ahead")
+    second = env["tmp"] / "second.pcap"
+    shutil.copy(env["pcap"], second)
+    code, rep = report(env, capsys, str(env["pcap"]), str(second))
+    assert code == 1
+    # the first file was opened (and its reading started) by the command line, the
+    # second by the audit when it got there; both digests are right
+    assert opened == [("cli", str(env["pcap"])), ("audit", str(second))]
+    digest = hashlib.sha256(env["pcap"].read_bytes()).hexdigest()
+    assert [c["sha256"] for c in rep["captures"]] == [digest, digest]
+    assert sum(1 for t in threading.enumerate() if t.name == "read-ahead") == before
+    # nothing is read early when the audit stops before reading: the thread ends too
+    bad = env["tmp"] / "bad-early.yaml"
+    bad.write_text("home_countries: [XX]\n")
+    assert main(["audit", "--policy", str(bad), str(env["pcap"])]) == 2
+    capsys.readouterr()
+    assert sum(1 for t in threading.enumerate() if t.name == "read-ahead") == before
+
+
+def test_the_command_line_loads_no_pipeline_before_it_reads() -> None:
+    code = ("import sys, egressd.cli\n"
+            "heavy = [m for m in ('numpy', 'pydantic', 'yaml', 'maxminddb', 'egressd.audit')\n"
+            "         if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_bad_policy_with_a_fifo_capture_exits_without_waiting_for_a_writer(
+        env: dict[str, Path]) -> None:
+    fifo = env["tmp"] / "capture.fifo"
+    os.mkfifo(fifo)
+    bad = env["tmp"] / "bad-fifo.yaml"
+    bad.write_text("home_countries: [UK]\n")
+    proc = subprocess.run([sys.executable, "-m", "egressd", "audit", "--policy", str(bad),
+                           str(fifo)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "home_countries[0]: 'UK'" in proc.stderr
+
+
 def test_argparse_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["audit"])

@@ -1,5 +1,5 @@
-"""Opening captures: sniffing, gzip, pipes, the file hash, directory expansion,
-and the shared corpus of real-world captures."""
+"""Opening captures: sniffing, gzip, pipes, damage through the hashing reader, and the
+shared corpus of real-world captures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from egressd.sources.base import CaptureError, CaptureInfo, CaptureReader
-from egressd.sources.files import HashingReader, expand_capture_args, open_capture
+from egressd.sources.files import open_capture
+from egressd.sources.inputs import HashingReader
 from egressd.sources.pcap import PcapReader
 from egressd.sources.pcapng import PcapngReader
 
@@ -193,91 +194,6 @@ def test_cut_at_every_offset_through_open_capture(gz: bool) -> None:
         reader = open_capture(io.BytesIO(raw))
         drain(reader)
         assert isinstance(reader.info, CaptureInfo)
-
-
-# -- hashing ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_hash_covers_the_stored_bytes(gz: bool) -> None:
-    data = pcap_bytes(50)
-    stored = gzip.compress(data) if gz else data
-    hashing = HashingReader(io.BytesIO(stored))
-    drain(open_capture(hashing))
-    assert hashing.size == len(stored)
-    assert hashing.sha256() == hashlib.sha256(stored).hexdigest()
-
-
-def test_hash_covers_the_whole_file_after_damage() -> None:
-    data = bytearray(pcap_bytes(50) + bytes(100_000))
-    struct.pack_into("<I", data, 24 + 8, 0xFFFFFFF0)  # first record absurd
-    hashing = HashingReader(Pipe(bytes(data), step=4096))
-    reader = open_capture(hashing)
-    assert drain(reader) == []
-    assert reader.info.truncated
-    assert hashing.size == len(data)
-    assert hashing.sha256() == hashlib.sha256(bytes(data)).hexdigest()
-
-
-def test_hashing_reader_readinto_and_close() -> None:
-    raw = io.BytesIO(b"abcdefgh")
-    h = HashingReader(raw)
-    buf = bytearray(5)
-    assert h.readinto(buf) == 5 and bytes(buf) == b"abcde"
-    assert h.read() == b"fgh"
-    assert h.read(10) == b""
-    assert h.size == 8 and h.sha256() == hashlib.sha256(b"abcdefgh").hexdigest()
-    assert h.readable()
-    h.close()
-    assert not raw.closed  # the owner of the file closes it (it may be stdin)
-
-
-def test_hashing_reader_count_only() -> None:
-    h = HashingReader(io.BytesIO(b"abcdefgh"), sha256=False)
-    buf = bytearray(5)
-    assert h.readinto(buf) == 5 and bytes(buf) == b"abcde"
-    assert h.read() == b"fgh"
-    assert h.size == 8 and h.sha256() == ""
-
-
-# -- arguments -------------------------------------------------------------------
-
-
-def test_expand_capture_args(tmp_path: Path) -> None:
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "z.pcap").write_bytes(b"")
-    (tmp_path / "b" / "a.pcap").write_bytes(b"")
-    (tmp_path / "a.pcapng").write_bytes(b"")
-    (tmp_path / "c.gz").write_bytes(b"")
-    (tmp_path / ".hidden.pcap").write_bytes(b"")
-    (tmp_path / ".git").mkdir()
-    (tmp_path / ".git" / "x.pcap").write_bytes(b"")
-    (tmp_path / "b" / "deeper").mkdir()
-    (tmp_path / "b" / "deeper" / "0.pcap").write_bytes(b"")
-    (tmp_path / "empty").mkdir()
-    if hasattr(os, "mkfifo"):
-        os.mkfifo(tmp_path / "fifo")
-    d = str(tmp_path)
-    single = tmp_path / "b" / "z.pcap"
-    got = expand_capture_args([str(single), d, "-"])
-    assert got == [
-        str(single),
-        os.path.join(d, "a.pcapng"),
-        os.path.join(d, "b", "a.pcap"),
-        os.path.join(d, "b", "deeper", "0.pcap"),
-        os.path.join(d, "b", "z.pcap"),
-        os.path.join(d, "c.gz"),
-        "-",
-    ]
-    assert expand_capture_args([str(tmp_path / "empty")]) == []
-
-
-def test_expand_capture_args_missing_path(tmp_path: Path) -> None:
-    missing = str(tmp_path / "nope.pcap")
-    with pytest.raises(FileNotFoundError) as err:
-        expand_capture_args([missing])
-    assert missing in str(err.value)
-    assert "no such capture file or directory" in str(err.value)
 
 
 # -- the shared corpus -----------------------------------------------------------

@@ -101,8 +101,14 @@ class ChunkedInput:
         self.offset = 0
         """Bytes handed out so far (the offset of the next byte)."""
 
-    def read(self, size: int) -> bytes:
-        """Up to ``size`` bytes; fewer only at the end of the input."""
+    def read(self, size: int, at_least: int | None = None) -> bytes:
+        """Up to ``size`` bytes; fewer only at the end of the input.
+
+        With ``at_least``, fewer also once that many are in hand: a source that
+        hands out its input in large pieces (a read-ahead) then has its pieces
+        passed on as they are, instead of copied together to fill ``size``.
+        """
+        need = size if at_least is None else max(1, min(at_least, size))
         parts: list[bytes] = []
         got = 0
         if self._prefix:
@@ -113,7 +119,7 @@ class ChunkedInput:
         # read1 where there is one: a gzip stream that fails part-way through
         # then still hands out what it decompressed before the failure.
         read = getattr(self._f, "read1", None) or self._f.read
-        while got < size and not self.eof:
+        while got < need and not self.eof:
             try:
                 part = read(min(size - got, MAX_RECORD_BYTES))
             except _STREAM_ERRORS as exc:
@@ -243,7 +249,9 @@ class ChunkWalker:
                 elif tail_len:
                     self._set_damage(self._cut_message(buf[pos:], base + pos))
                 break
-            more = inp.read(want)
+            # Pieces of at least half a chunk are walked as the source gives them
+            # (no copy); a record longer than that is read whole.
+            more = inp.read(want, at_least=chunk // 2 if want == chunk else want)
             more_base = inp.offset - len(more)
             if tail_len:
                 tail = buf[pos:]
