@@ -35,7 +35,7 @@ __all__ = [
     "open_input",
 ]
 
-READ_CHUNK_BYTES: Final = 8 << 20
+READ_CHUNK_BYTES: Final = 16 << 20
 """Size of the pieces the read-ahead thread reads (the decoders' chunk size)."""
 READ_AHEAD_BYTES: Final = 128 << 20
 """How far the read-ahead thread may get ahead of its consumer, at most."""
