@@ -274,3 +274,26 @@ def test_expand_capture_args_missing_path(tmp_path: Path) -> None:
         expand_capture_args([missing])
     assert missing in str(err.value)
     assert "no such capture file or directory" in str(err.value)
+
+
+def test_close_does_not_wait_for_a_silent_pipe() -> None:
+    before = read_ahead_threads()
+    r, w = os.pipe()
+    try:
+        with open(r, "rb", buffering=0, closefd=False) as f:
+            h = HashingReader(f)
+            t0 = time.monotonic()
+            h.close()  # the thread sits in read() of a pipe nobody writes to
+            assert time.monotonic() - t0 < 5
+            assert h.closed
+            os.write(w, b"late")  # lets the thread go; it stops without handing anything out
+            os.close(w)
+            w = -1
+            deadline = time.monotonic() + 5
+            while read_ahead_threads() > before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert read_ahead_threads() == before
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)

@@ -213,16 +213,26 @@ class HashingReader(io.RawIOBase):
         return self._hash.copy().hexdigest()
 
     def close(self) -> None:
-        """Stop the read-ahead thread and drop what it read ahead."""
+        """Stop the read-ahead thread and drop what it read ahead.
+
+        A thread still waiting inside a read of its source (a pipe whose
+        writer is silent, after an interrupt) is left behind as it is: it
+        stops at its next piece, and it does not keep the process alive.  Its
+        source is then not closed under it.
+        """
         self._stop.set()
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._join()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=1.0)
+            if not thread.is_alive():
+                self._thread = None
         self._piece = b""
-        if self._close_raw and not self.closed:
+        if self._close_raw and self._thread is None and not self.closed:
             self._raw.close()
         super().close()
 
