@@ -308,6 +308,26 @@ def test_bad_policy_with_a_fifo_capture_exits_without_waiting_for_a_writer(
     assert "home_countries[0]: 'UK'" in proc.stderr
 
 
+def test_the_command_flushes_its_report_and_keeps_the_exit_status(env: dict[str, Path]) -> None:
+    """``egressd audit`` leaves by os._exit after the report: nothing may be lost."""
+    base = [sys.executable, "-m", "egressd", "audit", "--policy", str(env["policy"]),
+            "--geoip-db", str(env["db"])]
+    proc = subprocess.run([*base, "--format", "json", str(env["pcap"])], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1  # the violation
+    rep = json.loads(proc.stdout)  # the whole report arrived through the pipe
+    assert rep["summary"]["flows"] == 4
+    text = subprocess.run([*base, "--fail-on", "never", str(env["pcap"])], capture_output=True,
+                          text=True, timeout=120)
+    assert text.returncode == 0
+    # the text report ends with the evidence block's command line: all of it was written
+    assert text.stdout.splitlines()[-1].strip().startswith("command:")
+    assert text.stdout.endswith("\n")
+    check = subprocess.run([sys.executable, "-m", "egressd", "check-config", str(env["policy"])],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.endswith("ok (1 route)\n")
+
+
 def test_argparse_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["audit"])
