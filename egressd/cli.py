@@ -149,6 +149,13 @@ def run() -> NoReturn:
     by ``os._exit`` after flushing its output instead.  Other commands exit
     normally.
     """
+    # egressd does no linear algebra: numpy's BLAS need not start a thread per
+    # core when it is imported.  Those threads spin for a while at start-up,
+    # on the CPU an audit's hashing thread needs, and sit idle in the daemon's
+    # every process.  Set before numpy is first imported (the pipeline is
+    # imported inside the commands); an explicit setting is kept.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     code = main()
     if sys.argv[1:2] != ["audit"]:
         sys.exit(code)
