@@ -328,6 +328,23 @@ def test_the_command_flushes_its_report_and_keeps_the_exit_status(env: dict[str,
     assert check.returncode == 0 and check.stdout.endswith("ok (1 route)\n")
 
 
+def test_the_command_starts_no_blas_threads(env: dict[str, Path]) -> None:
+    code = ("import os, sys\n"
+            "os.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+            f"sys.argv = ['egressd', 'check-config', {str(env['policy'])!r}]\n"
+            "import egressd.cli\n"
+            "try:\n"
+            "    egressd.cli.run()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "assert 'numpy' in sys.modules\n"
+            "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # the last line: the setting, and the threads of the process (numpy loaded, no BLAS pool)
+    assert out.splitlines()[-1] == "1 1"
+
+
 def test_argparse_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["audit"])
