@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -66,6 +67,8 @@ def capture_path(packets: int, seed: int, cache_dir: Path) -> Path:
              "--seed", str(seed), "--out", str(tmp)],
             check=True,
         )
+        # the generator's truth (see check_totals) first, then the capture itself
+        tmp.with_name(tmp.name + ".truth.json").replace(path.with_name(path.name + ".truth.json"))
         tmp.replace(path)
     return path
 
@@ -97,6 +100,41 @@ def commands(path: Path, policy: Path) -> dict[str, list[str] | None]:
         "reference": [sys.executable, str(ROOT / "bench" / "ref_aggregator.py"), str(path)],
         "sha256": [sys.executable, "-c", SHA256_ONLY, str(path)],
     }
+
+
+def check_totals(path: Path, policy: Path) -> bool:
+    """Run egressd once (untimed) and compare its flows with the generator's truth.
+
+    Every IP packet of the generated capture belongs to exactly one flow with
+    an internal and a remote end, so the flows of the report must add up to
+    the generator's counts of flows, packets and IP-layer bytes out and in.
+    """
+    truth_path = path.with_name(path.name + ".truth.json")
+    if not truth_path.exists():
+        print(f"note: no {truth_path.name} beside the capture; flow totals not checked")
+        return True
+    truth = json.loads(truth_path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "egressd", "audit", "--policy", str(policy),
+                        "--format", "json", "--output", str(out), "--fail-on", "never",
+                        str(path)], cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+        report = json.loads(out.read_text())
+    flows = report["flows"]
+    found = {
+        "records": report["summary"]["packets"],
+        "ip_flows": len(flows),
+        **{k: sum(f[k] for f in flows)
+           for k in ("packets_out", "packets_in", "bytes_out", "bytes_in")},
+    }
+    wrong = {k: (found[k], truth[k]) for k in truth if found.get(k) != truth[k]}
+    if wrong:
+        print("flow totals DIFFER from the generator's truth (egressd, truth): "
+              + ", ".join(f"{k} {a:,} vs {b:,}" for k, (a, b) in wrong.items()))
+        return False
+    print("flow totals equal the generator's truth: "
+          + ", ".join(f"{k} {v:,}" for k, v in found.items()))
+    return True
 
 
 def time_run(cmd: list[str], cpus: set[int] | None = None) -> tuple[float, int, str]:
@@ -161,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     warm(path)
+    totals_ok = True
+    if any(t.startswith("egressd") for t in active):
+        totals_ok = check_totals(path, args.policy)
     print(f"capture: {path} ({args.packets} packets, {size_mb:.0f} MB), "
           f"{args.runs} runs per tool, alternating")
     usable = sorted(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
@@ -207,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if "sha256" in medians:
         print(f"ceiling of any audit whose report carries the capture's SHA-256 here: "
               f"{args.packets / medians['sha256']:,.0f} packets/s (the digest alone)")
-    return 1 if failed else 0
+    return 1 if failed or not totals_ok else 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import random
 import struct
 import sys
@@ -374,8 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     pflow = pf[order].tolist()
     pts = (ts_us[order] + START_EPOCH * 1_000_000).tolist()
 
+    truth = [0, 0, 0, 0]  # IP packets out, in; IP bytes out, in (internal -> remote = out)
     counts = write_pcap(args.out, pflow, psides, pkinds, ppays, pts, f_ipver, f_vlan, f_ts,
-                        f_init_internal, f_addr, f_ports, rng)
+                        f_init_internal, f_addr, f_ports, rng, truth)
+    # What any correct flow meter must find in this capture, for bench_audit.py to check.
+    truth_path = truth_file(args.out)
+    truth_path.write_text(json.dumps({
+        "records": n_packets,
+        "ip_flows": sum(1 for v in f_ipver if v),
+        "packets_out": truth[0], "packets_in": truth[1],
+        "bytes_out": truth[2], "bytes_in": truth[3],
+    }, indent=2) + "\n")
     elapsed = time.perf_counter() - t_start
     size = args.out.stat().st_size
     print(f"wrote {args.out}: {n_packets} packets, {n_flows} flows, {size / 1e6:.1f} MB "
@@ -389,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{c} {v / drawn:.0%}" for c, v in pool.countries.most_common()),
           file=sys.stderr)
     return 0
+
+
+def truth_file(capture: Path) -> Path:
+    """Where the generator's truth about ``capture`` is written (beside it)."""
+    return capture.with_name(capture.name + ".truth.json")
 
 
 def weighted(rng: random.Random, table: list[tuple[int, float]]) -> int:
@@ -462,7 +477,8 @@ def write_pcap(out: Path, pflow: list[int], psides: list[int], pkinds: list[int]
                ppays: list[int], pts: list[int], f_ipver: list[int], f_vlan: list[int],
                f_ts: list[bool], f_init_internal: list[bool],
                f_addr: list[tuple[bytes, bytes]], f_ports: list[tuple[int, int]],
-               rng: random.Random) -> Counter[str]:
+               rng: random.Random, truth: list[int]) -> Counter[str]:
+    """Write the capture; ``truth`` gets the IP packets and IP-layer bytes out and in."""
     templates = TemplateCache()
     n_flows = len(f_ipver)
     # next sequence number per (flow, side)
@@ -504,6 +520,8 @@ def write_pcap(out: Path, pflow: list[int], psides: list[int], pkinds: list[int]
                 ip = p + t.ip_off
                 l4 = p + t.l4_off
                 ip_len = frame_len - t.ip_off
+                truth[0 if outbound else 1] += 1
+                truth[2 if outbound else 3] += ip_len
                 if ipver == 4:
                     pack_into("!H", buf, ip + 2, ip_len)
                     buf[ip + 12:ip + 16] = src
