@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from netns import Lab, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -137,8 +138,14 @@ def test_two_capture_processes_count_alert_and_name_every_flow_once(
         m = scrape(ns_b, mport)
         assert value(m, "egressd_flows_total", verdict="violation", country="US",
                      route="") == 28
-        got = wait_for(lambda: a if len(a := alerts(tmp_path)) >= 26 else None, timeout=15,
-                       what="an alert per exporting flow")
+        try:
+            got = wait_for(lambda: a if len(a := alerts(tmp_path)) >= 26 else None, timeout=15,
+                           what="an alert per exporting flow")
+        except pytest.fail.Exception:
+            have = alerts(tmp_path)
+            pytest.fail(f"{len(have)} of 26 alerts after 15 s: "
+                        f"{sorted((a['proto'], a['dst_ip'], a['dst_port']) for a in have)}\n"
+                        f"daemon output:\n{d.output()}")
         udp_ports = sorted(a["dst_port"] for a in got if a["proto"] == "udp"
                            and a["dst_ip"] == "203.0.113.9")
         assert udp_ports == list(range(5000, 5024))
