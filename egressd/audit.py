@@ -130,9 +130,11 @@ class Audit:
                     seen = hashing.size
             # Table-level errors (orphan fragments) belong to the capture just read.
             errors.update(self.table.errors - table_errors_before)
+            # The readers read to the end of their input: the digest of the whole file.
+            digest = hashing.sha256()
         info = reader.info
         summary = CaptureSummary(
-            path=path, sha256=hashing.sha256(), format=info.format,
+            path=path, sha256=digest, format=info.format,
             link_types=sorted(info.link_types), packets=info.packets, bytes=hashing.size,
             first_ns=first, last_ns=last, truncated=info.truncated, damage=info.damage,
             decode_errors=errors)
