@@ -212,9 +212,9 @@ def _jobs(text: str) -> int:
     return value
 
 
-def _read_first_early(args: argparse.Namespace) -> tuple[str, HashingReader] | None:
+def _read_first_early(args: argparse.Namespace) -> tuple[list[str], HashingReader] | None:
     """Start reading and hashing the first capture now, if it is a regular file
-    and one process will read it.
+    and one process will read it; with the capture files the arguments name.
 
     A best effort: whatever goes wrong here (no such file, a directory that
     holds none) is left to the normal path, which reports it in its place,
@@ -228,7 +228,7 @@ def _read_first_early(args: argparse.Namespace) -> tuple[str, HashingReader] | N
             return None  # other processes are forked first, before any thread starts
         if not stat.S_ISREG(os.stat(paths[0]).st_mode):
             return None
-        return paths[0], open_input(paths[0])
+        return paths, open_input(paths[0])
     except OSError:
         return None
 
@@ -242,7 +242,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             early[1].close()
 
 
-def _audit(args: argparse.Namespace, early: tuple[str, HashingReader] | None) -> int:
+def _audit(args: argparse.Namespace, early: tuple[list[str], HashingReader] | None) -> int:
     from egressd.audit import Audit, AuditOptions, gc_paused
     from egressd.config import load_policy
     from egressd.netset import DEFAULT_INTERNAL_NETWORKS
@@ -262,7 +262,7 @@ def _audit(args: argparse.Namespace, early: tuple[str, HashingReader] | None) ->
               "the default internal networks in its place")
     for w in policy.warnings:
         _warn(w)
-    paths = expand_capture_args(args.captures)
+    paths = early[0] if early is not None else expand_capture_args(args.captures)
     if not paths:
         raise UsageError("no capture files found in " + " ".join(args.captures))
     resolver = _resolver(None, args.geoip_db, args.asn_db)
@@ -278,7 +278,7 @@ def _audit(args: argparse.Namespace, early: tuple[str, HashingReader] | None) ->
         with gc_paused():
             for i, path in enumerate(paths):
                 with _progress(path, show_progress) as progress:
-                    source = early[1] if early is not None and i == 0 and early[0] == path else None
+                    source = early[1] if early is not None and i == 0 else None
                     summary = audit.add_capture(path, progress=progress, source=source)
                 if summary.truncated:
                     _warn(f"{path}: capture is damaged; read up to the damage: "
