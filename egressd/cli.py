@@ -144,9 +144,9 @@ def run() -> NoReturn:
     """The ``egressd`` command (and ``python -m egressd``): :func:`main`, then exit.
 
     An audit ends with hundreds of thousands of objects alive (flows, report
-    rows, caches); letting the interpreter free them one by one at exit takes
-    longer than loading it did.  Once the report is written, an audit leaves
-    by ``os._exit`` after flushing its output instead.  Other commands exit
+    rows, caches); letting the interpreter free them one by one at exit is
+    work that serves nothing.  Once the report is written, an audit leaves by
+    ``os._exit`` after flushing its output instead.  Other commands exit
     normally.
     """
     # egressd does no linear algebra: numpy's BLAS need not start a thread per
