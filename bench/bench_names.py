@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 import dns.message
@@ -50,35 +51,46 @@ def answer(i: int) -> DnsAnswers:
     return DnsAnswers(q, (DnsAnswer(addr, chain, 300),))
 
 
-def table_bytes_per_entry(n: int, seed: int) -> tuple[float, int]:
+Feed = list[tuple[bytes, DnsAnswers]]
+
+
+def traced_bytes_per_entry(n: int, seed: int, fill: Callable[[Feed], Sized]) -> tuple[float, int]:
+    """Bytes Python allocates per entry of what ``fill`` builds from ``n`` answers.
+
+    The seeded feed is built before tracing starts, so only the structure
+    that ``fill`` returns is counted (it stays alive until measured).
+    """
     rng = random.Random(seed)
     clients = client_pool(1000)
     feed = [(clients[rng.randrange(1000)], answer(i)) for i in range(n)]
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    table = PassiveDns(max_entries=n)
-    for k, (client, ans) in enumerate(feed):
-        table.observe(client, ans, T0 + k * 1000)
+    built = fill(feed)
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    return used / len(table), len(table)
+    return used / len(built), len(built)
+
+
+def table_bytes_per_entry(n: int, seed: int) -> tuple[float, int]:
+    """The passive DNS map itself."""
+    def fill(feed: Feed) -> PassiveDns:
+        table = PassiveDns(max_entries=n)
+        for k, (client, ans) in enumerate(feed):
+            table.observe(client, ans, T0 + k * 1000)
+        return table
+    return traced_bytes_per_entry(n, seed, fill)
 
 
 def dict_bytes_per_entry(n: int, seed: int) -> float:
-    rng = random.Random(seed)
-    clients = client_pool(1000)
-    feed = [(clients[rng.randrange(1000)], answer(i)) for i in range(n)]
-    gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    table: dict[tuple[bytes, bytes], tuple[str, ...]] = {}
-    for client, ans in feed:
-        for a in ans.answers:
-            table[(client, a.addr)] = a.chain
-    used = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
-    return used / len(table)
+    """The baseline: a plain dict of (client, address) to the CNAME chain."""
+    def fill(feed: Feed) -> dict[tuple[bytes, bytes], tuple[str, ...]]:
+        table: dict[tuple[bytes, bytes], tuple[str, ...]] = {}
+        for client, ans in feed:
+            for a in ans.answers:
+                table[(client, a.addr)] = a.chain
+        return table
+    return traced_bytes_per_entry(n, seed, fill)[0]
 
 
 def rss_mib() -> float:
